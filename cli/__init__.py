@@ -1,0 +1,1 @@
+"""The `kdstore` command line (installed as kdstore.cli)."""

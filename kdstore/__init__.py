@@ -1,0 +1,28 @@
+"""kdstore: run a teacher once, store what it knows, stream it into any student trainer.
+
+Public API::
+
+    import kdstore
+    store = kdstore.open_store("path/to/store")
+    problems = store.verify()
+"""
+
+__version__ = "0.1.0"
+
+from kdstore.codec import Codebook, CodecConfig, decode_positions, encode_positions  # noqa: E402
+from kdstore.errors import KdstoreError  # noqa: E402
+from kdstore.format import Manifest  # noqa: E402
+from kdstore.store import Store, open_store  # noqa: E402
+from kdstore.writer import ShardWriter  # noqa: E402
+
+__all__ = [
+    "Codebook",
+    "CodecConfig",
+    "KdstoreError",
+    "Manifest",
+    "ShardWriter",
+    "Store",
+    "decode_positions",
+    "encode_positions",
+    "open_store",
+]

@@ -1,0 +1,67 @@
+"""Named errors. Each carries a one-line message and a fix-it hint.
+
+The CLI prints ``Error: <message>`` plus the hint and exits 1; library users
+catch the class they care about. Nothing here imports click.
+"""
+
+from __future__ import annotations
+
+
+class KdstoreError(Exception):
+    """Base class of every error kdstore raises on purpose."""
+
+    hint = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        if hint is not None:
+            self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and the hint, on one line, for the CLI."""
+        text = str(self)
+        return f"{text} ({self.hint})" if self.hint else text
+
+
+class StoreNotFoundError(KdstoreError):
+    hint = "check the path; a store is a folder holding manifest.json"
+
+
+class ManifestError(KdstoreError):
+    hint = "the manifest is damaged or was edited by hand; rebuild or restore it"
+
+
+class FormatVersionError(KdstoreError):
+    hint = "upgrade kdstore (pip install -U kdstore) to read this store"
+
+
+class ShardMissingError(KdstoreError):
+    hint = "restore the shard file or rebuild the store; do not rename shards"
+
+
+class ChecksumError(KdstoreError):
+    hint = "the shard changed after it was written; restore it from a good copy or rebuild"
+
+
+class ShardCorruptError(KdstoreError):
+    hint = "the shard is truncated or not Parquet; restore it from a good copy or rebuild"
+
+
+class SchemaError(KdstoreError):
+    hint = "the shard columns do not match the format spec in schemas/"
+
+
+class CodecError(KdstoreError):
+    hint = "check K, the vocabulary size and the shapes passed to the codec"
+
+
+class StoreMismatchError(KdstoreError):
+    hint = "write into an empty folder, or use the same teacher, tokenizer and codec"
+
+
+class StoreLockedError(KdstoreError):
+    hint = "another process is writing this partition; wait for it or pick another partition"
+
+
+class VerifyError(KdstoreError):
+    hint = "run `kdstore verify STORE` for the full list of problems"

@@ -1,0 +1,260 @@
+"""The on-disk format: version, Arrow schemas, the manifest, and where files live.
+
+A store is a folder::
+
+    manifest.json                 written last; lists every shard (the store's index)
+    README.md                     a dataset card
+    tokenizer/                    the teacher's tokenizer files (optional)
+    shards/part-PPPPP-NNNNNN.parquet   partition P, shard N; plain Parquet, zstd
+    _partitions/part-PPPPP.json   one record per finished partition (build bookkeeping)
+    _locks/                       advisory locks of running writers
+
+docs/format.md walks through an example; schemas/ holds the same contract as
+data (JSON Schema of the manifest, Arrow schemas of the tables) and a test keeps
+this module and those files in agreement.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import resources
+from typing import Any
+
+import pyarrow as pa
+
+from kdstore.codec import CodecConfig
+from kdstore.errors import FormatVersionError, ManifestError
+
+FORMAT_NAME = "kdstore"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+SHARD_DIR = "shards"
+PARTITION_DIR = "_partitions"
+LOCK_DIR = "_locks"
+TOKENIZER_DIR = "tokenizer"
+METADATA_KEY = b"kdstore"  # Parquet key-value metadata key of every shard
+
+TABLE_LOGITS = "logits"
+TABLE_GENERATIONS = "generations"
+
+# Per-sequence score columns that any logits store may carry (MiniPLM
+# difference sampling): mean log-likelihood per predicted token.
+SCORE_COLUMNS = ("teacher_score", "reference_score")
+
+
+def _list(item: pa.DataType) -> pa.DataType:
+    return pa.list_(pa.field("element", item, nullable=False))
+
+
+def logits_schema(codec: CodecConfig, score_columns: tuple[str, ...] = ()) -> pa.Schema:
+    """Arrow schema of a logits shard: one row per sequence, positions flattened.
+
+    A sequence of T tokens has P = T - 1 positions; position t predicts token t+1.
+    Per-position columns hold P values, per-entry columns P*K (position-major).
+    """
+    code = pa.uint8() if codec.codebook.bits == 8 else pa.uint16()
+    fields = [
+        pa.field("sequence_id", pa.string(), nullable=False),
+        pa.field("input_ids", _list(pa.int32()), nullable=False),
+        pa.field("topk_id_deltas", _list(pa.uint32()), nullable=False),
+        pa.field("topk_logprob_codes", _list(code), nullable=False),
+    ]
+    if codec.tail:
+        fields.append(pa.field("tail_logmass_codes", _list(code), nullable=False))
+    if codec.target:
+        fields.append(pa.field("target_logprob_codes", _list(code), nullable=False))
+    if codec.sampled_draws:
+        fields += [
+            pa.field("sampled_num_ids", _list(pa.uint16()), nullable=False),
+            pa.field("sampled_id_deltas", _list(pa.uint32()), nullable=False),
+            pa.field("sampled_counts", _list(pa.uint16()), nullable=False),
+        ]
+    for name in score_columns:
+        if name not in SCORE_COLUMNS:
+            raise ManifestError(f"unknown score column {name!r}; known: {', '.join(SCORE_COLUMNS)}")
+        fields.append(pa.field(name, pa.float32(), nullable=True))
+    return pa.schema(fields)
+
+
+def generations_schema() -> pa.Schema:
+    """Arrow schema of a generations shard: one row per prompt, several completions."""
+    topk = pa.struct(
+        [
+            pa.field("topk_id_deltas", _list(pa.uint32()), nullable=False),
+            pa.field("topk_logprob_codes", _list(pa.uint8()), nullable=False),
+        ]
+    )
+    completion = pa.struct(
+        [
+            pa.field("text", pa.string(), nullable=False),
+            pa.field("token_ids", _list(pa.int32()), nullable=False),
+            pa.field("token_logprobs", _list(pa.float32()), nullable=False),
+            pa.field("topk", topk, nullable=True),
+            pa.field("finish_reason", pa.string(), nullable=False),
+            pa.field("answer", pa.string(), nullable=True),
+            pa.field("correct", pa.bool_(), nullable=True),
+        ]
+    )
+    return pa.schema(
+        [
+            pa.field("prompt_id", pa.string(), nullable=False),
+            pa.field("prompt", pa.string(), nullable=False),
+            pa.field("prompt_ids", _list(pa.int32()), nullable=False),
+            pa.field("reference_answer", pa.string(), nullable=True),
+            pa.field("completions", _list(completion), nullable=False),
+        ]
+    )
+
+
+def shard_name(partition: int, index: int) -> str:
+    """Relative path of shard ``index`` written by ``partition``."""
+    return f"{SHARD_DIR}/part-{partition:05d}-{index:06d}.parquet"
+
+
+def partition_record_name(partition: int) -> str:
+    return f"{PARTITION_DIR}/part-{partition:05d}.json"
+
+
+def safe_relative_path(path: str) -> str:
+    """Refuse manifest paths that leave the store (``../x``, ``/etc/x``)."""
+    normal = posixpath.normpath(path)
+    if path.startswith("/") or "\\" in path or normal.startswith("..") or normal in ("", "."):
+        raise ManifestError(f"manifest names a path outside the store: {path!r}")
+    return normal
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    path: str
+    num_rows: int
+    num_tokens: int
+    num_bytes: int
+    sha256: str
+
+
+@dataclass
+class Manifest:
+    """The store's index and provenance. ``manifest.json`` is this, as JSON."""
+
+    table: str
+    teacher: dict[str, Any]
+    tokenizer: dict[str, Any]
+    codec: dict[str, Any]
+    build: dict[str, Any]
+    shards: list[ShardInfo] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+    num_partitions: int = 1
+    format_version: int = FORMAT_VERSION
+    kdstore_version: str = ""
+    created_at: str = ""
+
+    @property
+    def num_sequences(self) -> int:
+        return sum(s.num_rows for s in self.shards)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.shards)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.num_bytes for s in self.shards)
+
+    def codec_config(self) -> CodecConfig:
+        return CodecConfig.from_dict(self.codec)
+
+    def identity(self) -> dict[str, Any]:
+        """What two writers into one store must agree on."""
+        return {
+            "format_version": self.format_version,
+            "table": self.table,
+            "teacher": self.teacher,
+            "tokenizer": self.tokenizer,
+            "codec": self.codec,
+            "build": self.build,
+            "num_partitions": self.num_partitions,
+        }
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data = {"format": FORMAT_NAME, **data}
+        data["stats"] = {
+            "num_sequences": self.num_sequences,
+            "num_tokens": self.num_tokens,
+            "total_bytes": self.total_bytes,
+        }
+        return json.dumps(data, indent=1, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "manifest.json") -> Manifest:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{source} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            raise ManifestError(f"{source} is not a kdstore manifest")
+        version = data.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+            raise FormatVersionError(f"{source} has format version {version!r}; this kdstore reads version {FORMAT_VERSION}")
+        validate_manifest(data, source)
+        data.pop("format")
+        data.pop("stats", None)
+        data["shards"] = [ShardInfo(**s) for s in data["shards"]]
+        for shard in data["shards"]:
+            safe_relative_path(shard.path)
+        return cls(**data)
+
+
+def new_created_at() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_schema_file(name: str) -> dict[str, Any]:
+    """A file of the shipped spec in ``kdstore.schemas`` (the repo's schemas/)."""
+    return json.loads(resources.files("kdstore.schemas").joinpath(name).read_text())
+
+
+def validate_manifest(data: dict[str, Any], source: str = "manifest.json") -> None:
+    """Check a manifest dict against schemas/manifest.schema.json; one line per failure."""
+    import jsonschema  # imported here: only reading or writing a manifest needs it
+
+    validator = jsonschema.Draft202012Validator(load_schema_file("manifest.schema.json"))
+    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
+    if errors:
+        first = errors[0]
+        where = "/".join(str(p) for p in first.absolute_path) or "(top level)"
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise ManifestError(f"{source} does not match the format spec at {where}: {first.message}{more}")
+
+
+def arrow_schema_to_spec(schema: pa.Schema) -> list[dict[str, Any]]:
+    """An Arrow schema as plain data: name, type string, nullable. Used by tests and docs."""
+    return [{"name": f.name, "type": str(f.type), "nullable": f.nullable} for f in schema]
+
+
+def rows_to_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows (column name -> 1-D array for list columns, scalar otherwise) -> a Table in ``schema``.
+
+    Missing optional (nullable) columns become nulls. Lists are assembled from
+    one concatenated array and offsets: no per-element Python work.
+    """
+    import numpy as np
+
+    arrays = []
+    for column in schema:
+        values = [row.get(column.name) for row in rows]
+        if pa.types.is_list(column.type):
+            if any(v is None for v in values):
+                raise ManifestError(f"every row needs a value for {column.name!r}")
+            parts = [np.asarray(v) for v in values]
+            offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+            np.cumsum([p.size for p in parts], out=offsets[1:])
+            item_type = column.type.value_type
+            flat = np.concatenate(parts) if parts else np.zeros(0)
+            arrays.append(pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=item_type), type=column.type))
+        else:
+            arrays.append(pa.array(values, type=column.type))
+    return pa.Table.from_arrays(arrays, schema=schema)

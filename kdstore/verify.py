@@ -1,0 +1,188 @@
+"""``Store.verify``: every check a store must pass, reporting all problems, not the first.
+
+Per shard: the file is there, its size and sha256 match the manifest, its
+footer carries the store's essentials, its schema is the format's, its row and
+token counts match, every page passes its checksum, and every row satisfies
+the invariants below. Across the store: sequence ids are unique.
+
+Row invariants (vectorised over a row group):
+* lengths: a sequence of T tokens has T - 1 positions and (T - 1) * K top-K entries;
+* ids: top-K ids strictly ascending within a position (distinct) and < vocab_size;
+  input ids in [0, vocab_size);
+* probabilities: sum of top-K p + tail = 1 within the codec's quantisation bound;
+* target: if the next token is in the top-K its log-prob matches that entry,
+  otherwise it is no larger than the smallest top-K log-prob and the tail mass
+  (each within the quantisation bound);
+* sampled: counts sum to the number of draws, ids ascending and < vocab_size.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from kdstore.codec import CodecConfig, sum_check_tolerance
+from kdstore.errors import KdstoreError
+from kdstore.store import check_shard_file, list_parts, shard_essentials
+
+if TYPE_CHECKING:
+    from kdstore.store import Store
+
+MAX_EXAMPLES = 3  # rows named per failed check, so a broken store does not flood the terminal
+
+
+def verify_store(store: Store) -> list[str]:
+    problems: list[str] = []
+    table_max = float(store.codec.codebook.table.max())
+    if table_max > 0:
+        problems.append(f"manifest: the log-prob codebook decodes to positive values (max {table_max})")
+    seen_ids: set[str] = set()
+    total_rows = total_tokens = 0
+    for shard in store.manifest.shards:
+        try:
+            rows, tokens = _verify_shard(store, shard, seen_ids, problems)
+        except KdstoreError as exc:
+            problems.append(str(exc))
+            continue
+        total_rows += rows
+        total_tokens += tokens
+    return problems
+
+
+def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[str]) -> tuple[int, int]:
+    check_shard_file(store, shard)
+    essentials = shard_essentials(store, shard)
+    identity = store.manifest.identity()
+    different = [key for key in identity if essentials.get(key) != identity[key]]
+    if different:
+        problems.append(f"shard {shard.path}: footer metadata disagrees with the manifest on {', '.join(different)}")
+    parquet = store.open_shard(shard)
+    found = parquet.schema_arrow.remove_metadata()
+    if not found.equals(store.schema):
+        problems.append(f"shard {shard.path}: schema {_describe(found)} differs from the format's {_describe(store.schema)}")
+        return 0, 0
+    rows = tokens = 0
+    for group in range(parquet.num_row_groups):
+        try:
+            table = parquet.read_row_group(group)
+        except (OSError, pa.ArrowException) as exc:
+            problems.append(f"shard {shard.path} row group {group}: cannot be read ({exc})")
+            continue
+        where = f"shard {shard.path} row group {group}"
+        problems += [f"{where}: {p}" for p in check_rows(store.codec, table)]
+        for sequence_id in table["sequence_id"].to_pylist():
+            if sequence_id in seen_ids:
+                problems.append(f"{where}: sequence id {sequence_id!r} appears more than once in the store")
+            seen_ids.add(sequence_id)
+        rows += table.num_rows
+        tokens += len(table["input_ids"].combine_chunks().flatten())
+    if (rows, tokens) != (shard.num_rows, shard.num_tokens):
+        problems.append(f"shard {shard.path}: holds {rows} sequences / {tokens} tokens; "
+                        f"the manifest says {shard.num_rows} / {shard.num_tokens}")
+    return rows, tokens
+
+
+def _describe(schema: pa.Schema) -> str:
+    return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
+
+
+def _examples(ids: list[str], row_of: np.ndarray, bad: np.ndarray) -> str:
+    rows = np.unique(row_of[bad])[:MAX_EXAMPLES]
+    return ", e.g. sequence " + ", ".join(repr(ids[r]) for r in rows)
+
+
+def check_rows(codec: CodecConfig, table: pa.Table) -> list[str]:
+    """The row invariants of the module docstring, for one Table of stored columns."""
+    problems: list[str] = []
+    ids = table["sequence_id"].to_pylist()
+    tokens, token_offsets = list_parts(table["input_ids"])
+    num_positions = np.maximum(np.diff(token_offsets) - 1, 0)
+    k = codec.k
+    expected = {"topk_id_deltas": num_positions * k, "topk_logprob_codes": num_positions * k}
+    for name in ("tail_logmass_codes", "target_logprob_codes", "sampled_num_ids"):
+        if name in table.column_names:
+            expected[name] = num_positions
+    parts = {name: list_parts(table[name]) for name in table.column_names if name.endswith(("_deltas", "_codes", "_ids", "_counts")) and name != "input_ids"}
+    for name, lengths in expected.items():
+        bad = np.diff(parts[name][1]) != lengths
+        if bad.any():
+            return [f"{int(bad.sum())} sequences where {name} has the wrong length for their {len(tokens)} tokens"
+                    + ", e.g. sequence " + ", ".join(repr(ids[r]) for r in np.flatnonzero(bad)[:MAX_EXAMPLES])]
+    row_of_position = np.repeat(np.arange(len(ids)), num_positions)
+    vocab = codec.vocab_size
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
+        problems.append(f"input_ids outside [0, {vocab})")
+    deltas = parts["topk_id_deltas"][0].reshape(-1, k).astype(np.uint64)
+    topk_ids = np.cumsum(deltas, axis=1)
+    bad = (topk_ids[:, -1] >= vocab) if k else np.zeros(0, bool)
+    if bad.any():
+        problems.append(f"{int(bad.sum())} positions with top-K ids >= vocab_size {vocab}" + _examples(ids, row_of_position, bad))
+    bad = (deltas[:, 1:] == 0).any(axis=1)
+    if bad.any():
+        problems.append(f"{int(bad.sum())} positions whose top-K ids are not strictly ascending" + _examples(ids, row_of_position, bad))
+    table_f = codec.codebook.table.astype(np.float64)
+    err = codec.codebook.max_log_error
+    codes = parts["topk_logprob_codes"][0].reshape(-1, k)
+    if "tail_logmass_codes" in parts:
+        tail_codes = parts["tail_logmass_codes"][0]
+        total = np.exp(table_f[codes]).sum(axis=1) + np.exp(table_f[tail_codes])
+        bad = np.abs(total - 1.0) > sum_check_tolerance(codec, codes, tail_codes)
+        if bad.any():
+            problems.append(f"{int(bad.sum())} positions where sum(p) + tail is not 1 (worst {total[bad][0]:.4f})"
+                            + _examples(ids, row_of_position, bad))
+    if "target_logprob_codes" in parts:
+        problems += _check_targets(codec, tokens, token_offsets, topk_ids, codes, parts, ids, row_of_position)
+    if "sampled_num_ids" in parts:
+        problems += _check_sampled(codec, parts, ids, row_of_position)
+    return problems
+
+
+def _check_targets(codec: CodecConfig, tokens: np.ndarray, token_offsets: np.ndarray, topk_ids: np.ndarray,
+                   codes: np.ndarray, parts: dict[str, Any], ids: list[str], row_of: np.ndarray) -> list[str]:
+    table_f = codec.codebook.table.astype(np.float64)
+    err = codec.codebook.max_log_error
+    next_token = np.ones(len(tokens), dtype=bool)
+    next_token[token_offsets[:-1]] = False  # the first token of a sequence is nobody's target
+    targets = tokens[next_token].astype(np.uint64)
+    target_codes = parts["target_logprob_codes"][0]
+    hit = topk_ids == targets[:, None]
+    in_topk = hit.any(axis=1)
+    slack = err[target_codes] + 1e-6
+    hit_codes = codes[np.arange(len(codes)), hit.argmax(axis=1)]
+    mismatch = in_topk & (np.abs(table_f[target_codes] - table_f[hit_codes]) > slack + err[hit_codes])
+    min_codes = codes.max(axis=1)  # the largest code is the smallest log-prob
+    too_big = ~in_topk & (table_f[target_codes] > table_f[min_codes] + slack + err[min_codes])
+    problems = []
+    if mismatch.any():
+        problems.append(f"{int(mismatch.sum())} positions whose target log-prob differs from its top-K entry"
+                        + _examples(ids, row_of, mismatch))
+    if too_big.any():
+        problems.append(f"{int(too_big.sum())} positions whose target is outside the top-K but more likely than "
+                        "every top-K token" + _examples(ids, row_of, too_big))
+    return problems
+
+
+def _check_sampled(codec: CodecConfig, parts: dict[str, Any], ids: list[str], row_of: np.ndarray) -> list[str]:
+    num_ids = parts["sampled_num_ids"][0].astype(np.int64)
+    deltas, counts = parts["sampled_id_deltas"][0], parts["sampled_counts"][0].astype(np.int64)
+    if num_ids.sum() != len(deltas) or len(deltas) != len(counts):
+        return ["sampled_num_ids, sampled_id_deltas and sampled_counts disagree on the number of entries"]
+    starts = np.concatenate(([0], np.cumsum(num_ids)))[:-1]
+    problems = []
+    draws = np.add.reduceat(counts, starts) if len(counts) else np.zeros(0, np.int64)
+    draws = np.where(num_ids > 0, draws, 0)
+    bad = draws != codec.sampled_draws
+    if bad.any():
+        problems.append(f"{int(bad.sum())} positions whose sampled counts do not sum to {codec.sampled_draws} draws"
+                        + _examples(ids, row_of, bad))
+    first = np.zeros(len(deltas), dtype=bool)
+    first[starts[num_ids > 0]] = True
+    if (deltas[~first] == 0).any():
+        problems.append("sampled ids repeat within a position")
+    running = np.concatenate(([0], np.cumsum(deltas.astype(np.uint64))))
+    sampled_ids = running[1:] - np.repeat(running[starts], num_ids)
+    if sampled_ids.size and sampled_ids.max() >= codec.vocab_size:
+        problems.append(f"sampled ids >= vocab_size {codec.vocab_size}")
+    return problems

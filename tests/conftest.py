@@ -1,0 +1,80 @@
+"""Shared fixtures: teacher outputs computed from real softmaxes, and small stores written with ShardWriter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kdstore.codec import CodecConfig, encode_positions
+from kdstore.format import Manifest, logits_schema, rows_to_table
+from kdstore.writer import ShardWriter
+
+
+def teacher_outputs(rng: np.random.Generator, num_tokens: int, vocab_size: int, k: int, tokens: np.ndarray | None = None):
+    """Top-K, tail and target of real softmaxes over peaked random logits, for a T-token sequence.
+
+    Returns (input_ids [T], topk_ids [T-1, K], topk_logprobs [T-1, K], tail [T-1], target [T-1]).
+    """
+    logits = rng.standard_normal((num_tokens - 1, vocab_size)) * 3.0
+    logprobs = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    if tokens is None:
+        tokens = rng.integers(0, vocab_size, num_tokens)
+    order = np.argsort(-logprobs, axis=1)[:, :k]
+    topk = np.take_along_axis(logprobs, order, axis=1)
+    rest = logprobs.copy()
+    np.put_along_axis(rest, order, -np.inf, axis=1)
+    tail = np.logaddexp.reduce(rest, axis=1)
+    target = logprobs[np.arange(num_tokens - 1), tokens[1:]]
+    return tokens.astype(np.int32), order, topk, tail, target
+
+
+def make_manifest(codec: CodecConfig, **build) -> Manifest:
+    return Manifest(
+        table="logits",
+        teacher={"model": "synthetic", "revision": None, "content_sha256": None, "dtype": "float32",
+                 "vocab_size": codec.vocab_size, "architecture": None},
+        tokenizer={"name": "synthetic", "files_sha256": None, "vocab_size": codec.vocab_size,
+                   "special_ids": {"bos": None, "eos": None, "pad": None}},
+        codec=codec.to_dict(),
+        build=dict(build),
+    )
+
+
+def synthetic_rows(codec: CodecConfig, num_sequences: int, seq_len: int, seed: int = 0, prefix: str = "seq"):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_sequences):
+        tokens, ids, values, tail, target = teacher_outputs(rng, seq_len, codec.vocab_size, codec.k)
+        sampled = {}
+        if codec.sampled_draws:
+            probs = np.exp(values)
+            draws = [rng.choice(codec.k, size=codec.sampled_draws, p=p / p.sum()) for p in probs]
+            sampled_ids = np.full((seq_len - 1, codec.sampled_draws), -1)
+            sampled_counts = np.zeros_like(sampled_ids)
+            for t, d in enumerate(draws):
+                uniq, counts = np.unique(ids[t, d], return_counts=True)
+                sampled_ids[t, :len(uniq)], sampled_counts[t, :len(uniq)] = uniq, counts
+            sampled = {"sampled_ids": sampled_ids, "sampled_counts": sampled_counts}
+        columns = encode_positions(codec, ids, values, tail, target, **sampled)
+        rows.append({"sequence_id": f"{prefix}-{i:05d}", "input_ids": tokens, **columns})
+    return rows
+
+
+def write_store(path: Path, codec: CodecConfig, num_sequences: int = 6, seq_len: int = 17, seed: int = 0, **writer_args):
+    schema = logits_schema(codec)
+    with ShardWriter(path, make_manifest(codec), schema, **writer_args) as writer:
+        for row in synthetic_rows(codec, num_sequences, seq_len, seed):
+            writer.write(rows_to_table(schema, [row]))
+    return path
+
+
+@pytest.fixture
+def codec() -> CodecConfig:
+    return CodecConfig(k=8, vocab_size=300)
+
+
+@pytest.fixture
+def store_path(tmp_path: Path, codec: CodecConfig) -> Path:
+    return write_store(tmp_path / "store", codec, shard_bytes=4000, row_group_bytes=1500)
