@@ -8,13 +8,13 @@ What one position stores, and how (docs/format.md has a worked example):
   gaps are small numbers whose high bytes are almost always zero; Parquet's
   BYTE_STREAM_SPLIT encoding puts those bytes side by side and zstd removes
   them. Ids are lossless.
-* log-probabilities (top-K values, tail mass, target) are quantised to 8-bit
-  codes through one monotone codebook. Code ``c`` decodes to ``table[c]``; the
+* log-probabilities (top-K values, tail mass, target) are quantised to integer
+  codes (uint8 or uint16) through one monotone codebook. Code ``c`` decodes to ``table[c]``; the
   table is stored in the manifest and in every shard, so a reader needs no
   kdstore to dequantise. The codebook spends its levels where KL cares: steps
   are uniform in sqrt(p) for likely tokens and uniform in log p (width
   ``log_step``) for unlikely ones. So ``|log p_hat - log p| <= log_step / 2``
-  for every log p above ``table[-1]`` and ``|sqrt(p_hat) - sqrt(p)| <= 1 / (4 *
+  for every log p above ``floor_logprob`` and ``|sqrt(p_hat) - sqrt(p)| <= 1 / (4 *
   sqrt_scale)`` for ``p`` above ``exp(split_logprob)``.
 * the optional sampled-sparse distribution (ids drawn from the teacher, with
   counts) uses the same sorted delta coding for ids and plain counts.
@@ -32,49 +32,46 @@ import numpy as np
 
 from kdstore.errors import CodecError
 
-# 8-bit codebook defaults, chosen on the bundled teacher (benchmarks/codec.py):
-# sqrt_scale 96 and log_step 0.5 keep mean KL(true || decoded) well under 1e-4
-# nats/position at K=64 while the codes stay ~4 bits of entropy each.
-DEFAULT_SQRT_SCALE = 96.0
-DEFAULT_LOG_STEP = 0.5
+# Codebook defaults, chosen on the bundled teacher (benchmarks/codec.py): KL
+# from quantising is about N / (24 * sqrt_scale**2) for N likely entries, so
+# sqrt_scale 320 keeps even a flat top-64 under 3e-5 nats/position; log_step
+# 0.25 bounds every log-prob's error by 0.125 nats. Codes need 10 bits of
+# range but carry ~5 bits of entropy, which is what zstd stores.
+DEFAULT_SQRT_SCALE = 320.0
+DEFAULT_LOG_STEP = 0.25
+DEFAULT_FLOOR_LOGPROB = -40.0  # p < 4e-18 is clamped here: no KL or loss can see it
 
 
 @dataclass(frozen=True)
 class Codebook:
-    """A monotone quantiser of log-probabilities into ``2**bits`` codes.
+    """A monotone quantiser of log-probabilities into integer codes.
 
     Code 0 is log p = 0; codes grow as p shrinks. ``sqrt_scale`` (a) sets the
     step for likely tokens (uniform in sqrt p, 2a codes across (0, 1]);
-    ``log_step`` (delta) caps the step in log p for unlikely tokens.
+    ``log_step`` (delta) caps the step in log p for unlikely ones; log-probs
+    below ``floor_logprob`` share the last code. Codes are uint8 when at most
+    256 are needed, else uint16.
     """
 
-    bits: int = 8
     sqrt_scale: float = DEFAULT_SQRT_SCALE
     log_step: float = DEFAULT_LOG_STEP
+    floor_logprob: float = DEFAULT_FLOOR_LOGPROB
     table: np.ndarray = field(init=False, repr=False, compare=False)
     max_log_error: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.bits not in (8, 16):
-            raise CodecError(f"codebook bits must be 8 or 16, got {self.bits}")
-        if self.sqrt_scale * self.log_step <= 1.0:
-            raise CodecError("codebook needs sqrt_scale * log_step > 1")
-        if self.split_code >= self.num_codes - 1:
-            raise CodecError("codebook has no room for the log-uniform region; lower sqrt_scale")
+        if self.sqrt_scale * self.log_step <= 1.0 or self.log_step <= 0:
+            raise CodecError("codebook needs log_step > 0 and sqrt_scale * log_step > 1")
+        if not self.floor_logprob < self.split_logprob:
+            raise CodecError(f"floor_logprob must lie below {self.split_logprob:.2f} for these parameters")
+        if self.num_codes > 65536:
+            raise CodecError(f"codebook needs {self.num_codes} codes; at most 65536 fit in uint16")
         codes = np.arange(self.num_codes, dtype=np.float64)
         table = self._code_to_logprob(codes)
         upper = self._code_to_logprob(np.maximum(codes - 0.5, 0.0))
         lower = self._code_to_logprob(codes + 0.5)
         object.__setattr__(self, "table", table.astype(np.float32))
         object.__setattr__(self, "max_log_error", np.maximum(upper - table, table - lower))
-
-    @property
-    def num_codes(self) -> int:
-        return 1 << self.bits
-
-    @property
-    def dtype(self) -> type:
-        return np.uint8 if self.bits == 8 else np.uint16
 
     @property
     def split_logprob(self) -> float:
@@ -86,9 +83,12 @@ class Codebook:
         return 2.0 * self.sqrt_scale - 2.0 / self.log_step
 
     @property
-    def floor_logprob(self) -> float:
-        """The smallest representable log p; anything below decodes to it."""
-        return float(self.table[-1])
+    def num_codes(self) -> int:
+        return int(math.ceil(self.split_code + (self.split_logprob - self.floor_logprob) / self.log_step)) + 1
+
+    @property
+    def dtype(self) -> type:
+        return np.uint8 if self.num_codes <= 256 else np.uint16
 
     def _code_to_logprob(self, g: np.ndarray) -> np.ndarray:
         sqrt_part = 2.0 * np.log(np.clip(1.0 - g / (2.0 * self.sqrt_scale), 1e-300, None))
@@ -113,20 +113,21 @@ class Codebook:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "bits": self.bits,
+            "dtype": np.dtype(self.dtype).name,
+            "num_codes": self.num_codes,
             "sqrt_scale": self.sqrt_scale,
             "log_step": self.log_step,
+            "floor_logprob": self.floor_logprob,
             "max_abs_logprob_error": self.log_step / 2,
             "max_abs_sqrt_prob_error": 1.0 / (4.0 * self.sqrt_scale),
-            "floor_logprob": self.floor_logprob,
-            "table": [float(v) for v in self.table],
+            "table": [round(float(v), 7) for v in self.table],
         }
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> Codebook:
-        book = cls(bits=int(spec["bits"]), sqrt_scale=float(spec["sqrt_scale"]), log_step=float(spec["log_step"]))
+        book = cls(float(spec["sqrt_scale"]), float(spec["log_step"]), float(spec["floor_logprob"]))
         stored = spec.get("table")
-        if stored is not None and not np.allclose(np.asarray(stored, dtype=np.float32), book.table, atol=1e-6):
+        if stored is not None and (len(stored) != book.num_codes or not np.allclose(stored, book.table, atol=1e-5)):
             raise CodecError("the stored codebook table does not match its parameters")
         return book
 
@@ -211,7 +212,7 @@ def sort_and_quantise(ids: np.ndarray, logprobs: np.ndarray, codebook: Codebook)
     One packed-key sort instead of argsort + gather: ~10x faster in numpy.
     """
     codes = codebook.encode(logprobs)
-    shift = codebook.bits
+    shift = 8 * np.dtype(codebook.dtype).itemsize
     key_dtype = np.uint32 if (int(ids.max(initial=0)) >> (32 - shift)) == 0 else np.uint64
     keys = (ids.astype(key_dtype) << key_dtype(shift)) | codes.astype(key_dtype)
     keys.sort(axis=1)

@@ -55,7 +55,7 @@ def logits_schema(codec: CodecConfig, score_columns: tuple[str, ...] = ()) -> pa
     A sequence of T tokens has P = T - 1 positions; position t predicts token t+1.
     Per-position columns hold P values, per-entry columns P*K (position-major).
     """
-    code = pa.uint8() if codec.codebook.bits == 8 else pa.uint16()
+    code = pa.from_numpy_dtype(codec.codebook.dtype)
     fields = [
         pa.field("sequence_id", pa.string(), nullable=False),
         pa.field("input_ids", _list(pa.int32()), nullable=False),
