@@ -77,4 +77,4 @@ def codec() -> CodecConfig:
 
 @pytest.fixture
 def store_path(tmp_path: Path, codec: CodecConfig) -> Path:
-    return write_store(tmp_path / "store", codec, shard_bytes=4000, row_group_bytes=1500)
+    return write_store(tmp_path / "store", codec, num_sequences=12, shard_bytes=3000, row_group_bytes=1000)
