@@ -1,0 +1,109 @@
+"""The kdstore command end to end: output, exit codes, one-line errors, documented commands."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from kdstore.cli.main import cli
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _single_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("Error: ")
+    return lines[-1]
+
+
+def test_info_json_has_the_machine_readable_fields(store_path):
+    result = run("info", store_path, "--json")
+    assert result.exit_code == 0
+    summary = json.loads(result.output)
+    assert summary["num_sequences"] == 12 and summary["num_tokens"] == 12 * 17
+    assert summary["k"] == 8 and summary["vocab_size"] == 300
+    assert summary["total_bytes"] == sum(p.stat().st_size for p in (store_path / "shards").glob("*.parquet"))
+
+
+def test_info_text_names_teacher_and_bytes_per_token(store_path):
+    result = run("info", store_path)
+    assert result.exit_code == 0
+    assert "synthetic" in result.output and "bytes_per_token" in result.output
+
+
+def test_verify_exits_zero_on_a_sound_store_and_one_listing_problems(store_path):
+    assert run("verify", store_path).exit_code == 0
+    shards = sorted((store_path / "shards").glob("*.parquet"))
+    shards[0].unlink()
+    with open(shards[1], "r+b") as handle:
+        handle.seek(50)
+        handle.write(b"\x00\x01\x02")
+    result = run("verify", store_path)
+    assert result.exit_code == 1
+    assert result.output.count("problem:") == 2
+    assert _single_line_error(result) == f"Error: 2 problem(s) in {store_path}"
+
+
+def test_head_shows_ids_without_a_tokenizer(store_path):
+    result = run("head", store_path, "-n", "3", "--top", "2")
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].startswith("sequence seq-00000")
+    assert len(lines) == 4 and "->" in lines[1] and "tail" in lines[1]
+
+
+def test_head_decodes_tokens_with_the_store_tokenizer(tmp_path, codec):
+    from conftest import write_store
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"w{i}": i for i in range(300)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "tok")
+    store = write_store(tmp_path / "s", codec, tokenizer_dir=tmp_path / "tok")
+    result = run("head", store, "-n", "2")
+    assert result.exit_code == 0, result.output
+    assert "'w" in result.output
+
+
+@pytest.mark.parametrize("command", ["info", "verify", "head"])
+def test_a_missing_store_is_one_clear_line(tmp_path, command):
+    line = _single_line_error(run(command, tmp_path / "nowhere"))
+    assert "does not exist" in line
+
+
+def test_a_newer_format_is_one_clear_line(store_path):
+    data = json.loads((store_path / "manifest.json").read_text())
+    data["format_version"] = 7
+    (store_path / "manifest.json").write_text(json.dumps(data))
+    line = _single_line_error(run("info", store_path))
+    assert "version 7" in line and "upgrade" in line
+
+
+def test_a_manifest_pointing_outside_the_store_is_one_clear_line(store_path):
+    data = json.loads((store_path / "manifest.json").read_text())
+    data["shards"][0]["path"] = "../x.parquet"
+    (store_path / "manifest.json").write_text(json.dumps(data))
+    line = _single_line_error(run("verify", store_path))
+    assert "outside the store" in line and "../x.parquet" in line
+
+
+def test_every_command_is_documented_with_an_example():
+    for name, command in cli.commands.items():
+        assert command.help and "Example:" in command.help, name
+        assert run(name, "--help").exit_code == 0
+
+
+def test_docs_cli_md_is_the_generated_help():
+    from kdstore.cli.docs import render_cli_docs
+
+    assert (Path(__file__).parents[2] / "docs" / "cli.md").read_text() == render_cli_docs()
