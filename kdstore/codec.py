@@ -120,7 +120,7 @@ class Codebook:
             "floor_logprob": self.floor_logprob,
             "max_abs_logprob_error": self.log_step / 2,
             "max_abs_sqrt_prob_error": 1.0 / (4.0 * self.sqrt_scale),
-            "table": [round(float(v), 7) for v in self.table],
+            "table": [float(v) for v in self.table],  # float32 values, exact in JSON
         }
 
     @classmethod
