@@ -101,6 +101,45 @@ def head(store: str, num_positions: int, top: int, sequence_id: str | None) -> N
         click.echo(line)
 
 
+@cli.command()
+@click.argument("corpus", nargs=-1, type=click.Path())
+@click.option("--teacher", default=None, help="Model folder or hub id. [default: the bundled tiny teacher]")
+@click.option("--out", default=None, help="Store folder to write or resume. [default: kdstore-store]")
+@click.option("-k", "k", type=int, default=None, help="Top-K entries per position. [default: 64]")
+@click.option("--seq-len", type=int, default=None, help="Tokens per sequence. [default: 256]")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto. [default: auto]")
+@click.option("--split", type=click.Choice(["file", "blank-line"]), default=None,
+              help="Plain text: one document per file or per blank-line block. [default: blank-line]")
+@click.option("--errors", type=click.Choice(["strict", "replace"]), default=None, help="Non-UTF-8 bytes: stop or replace.")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the teacher's own Python code.")
+@click.option("--num-partitions", type=int, default=None, help="Split the build into N independent partitions.")
+@click.option("--partition", type=int, default=None, help="Which partition this process builds (0-based).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="build.toml; flags override it.")
+@click.option("--finalize", "finalize_only", is_flag=True, help="Only write the manifest of finished partitions.")
+def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool, **flags: Any) -> None:
+    """Run the teacher once over CORPUS and write (or resume) a verified store.
+
+    CORPUS is text files or folders, JSONL, Parquet, or a saved HF datasets folder;
+    with no CORPUS and no --teacher the bundled sample corpus and tiny teacher are used.
+    Rerunning the same command resumes after a crash or Ctrl-C.
+
+    \b
+    Example:
+      kdstore build --out demo-store
+      kdstore build data/*.jsonl --teacher ./my-teacher --out store -k 64 --seq-len 1024
+      for i in 0 1 2 3; do kdstore build data/ --out store --num-partitions 4 --partition $i & done; wait
+    """
+    from kdstore.build import build as run_build, finalize_store, resolved_config
+
+    config = resolved_config({**flags, "corpus": corpus or None}, config_file)
+    if finalize_only:
+        click.echo(finalize_store(config.out))
+        return
+    for line in run_build(config).summary_lines():
+        click.echo(line)
+
+
 def main() -> None:
     cli(prog_name="kdstore")
 

@@ -180,7 +180,8 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
-        data = {"format": FORMAT_NAME, **data}
+        head = ("format_version", "kdstore_version", "created_at", "table")
+        data = {"format": FORMAT_NAME, **{k: data.pop(k) for k in head}, **data}
         data["stats"] = {
             "num_sequences": self.num_sequences,
             "num_tokens": self.num_tokens,

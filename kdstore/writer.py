@@ -134,6 +134,7 @@ class ShardWriter:
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
         self.shards: list[ShardInfo] = []
         self.num_committed_rows = 0
+        self.finalized: Manifest | None = None  # the manifest, once every partition has finished
         self._lock_file: Any = None
         self._buffer: list[pa.Table] = []
         self._buffer_bytes = 0
@@ -167,7 +168,7 @@ class ShardWriter:
             record = {"partition": self.partition, **self.manifest.identity(),
                       "columns": self.manifest.columns, "shards": [asdict(s) for s in self.shards]}
             write_atomic(self.root / partition_record_name(self.partition), json.dumps(record, indent=1))
-            finalize(self.root)
+            self.finalized = finalize(self.root)
         finally:
             self._release()
 

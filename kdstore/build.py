@@ -1,0 +1,333 @@
+"""``kdstore build``: run a teacher once over a corpus and write a store.
+
+    result = build(BuildConfig(corpus=["docs/"], teacher="my-teacher", out="store"))
+
+The corpus is cut into work units (kdstore.corpus); a partition owns the units
+whose stable key hashes to it. Units are processed in order and their rows
+written in order, so what a partition has committed is always a prefix of its
+rows: a rerun skips that prefix and recomputes only the unit it stopped in
+(batches are formed within a unit, so the recomputed rows are bit-identical).
+
+The teacher runs on the main thread; encoding and Parquet writing run on a
+background thread fed through a bounded queue, so the device does not wait on
+compression and memory stays flat.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdstore.codec import CodecConfig, encode_positions
+from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, tokenize_unit
+from kdstore.errors import KdstoreError
+from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table
+from kdstore.teacher import Teacher, load_teacher, sample_sparse, sparsify, teacher_logits_chunks, to_numpy
+from kdstore.writer import ShardWriter
+
+ASSETS = Path(__file__).with_name("assets")
+DEFAULT_TEACHER = str(ASSETS / "teacher")
+DEFAULT_CORPUS = str(ASSETS / "corpus")
+
+
+class BuildError(KdstoreError):
+    hint = "fix the input named above and rerun; committed work is kept"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    """Everything a build needs. Fields marked (recorded) go into the manifest's ``build``."""
+
+    corpus: tuple[str, ...] = (DEFAULT_CORPUS,)  # (recorded)
+    teacher: str = DEFAULT_TEACHER
+    out: str = "kdstore-store"
+    k: int = 64  # (recorded via codec)
+    seq_len: int = 256  # (recorded)
+    split: str = "blank-line"  # (recorded) plain text: "file" or "blank-line" documents
+    text_field: str = "text"  # (recorded)
+    pack: bool = False  # (recorded)
+    errors: str = "strict"  # (recorded)
+    unit_documents: int = 256  # (recorded) documents per work unit
+    dtype: str = "float32"  # (recorded via teacher)
+    device: str = "auto"
+    trust_remote_code: bool = False
+    sampled_draws: int = 0  # (recorded via codec) 0: no sampled-sparse columns
+    sampled_mode: str = "full"
+    seed: int = 0  # (recorded) seeds the sampled draws
+    batch_tokens: int = 8192  # tokens per teacher batch, padding included
+    num_partitions: int = 1
+    partition: int = 0
+    shard_bytes: int = 256 << 20
+    progress: bool = True
+
+    def recorded(self) -> dict[str, Any]:
+        keys = ("seq_len", "split", "text_field", "pack", "errors", "unit_documents", "seed")
+        return {"corpus": [str(Path(c)) for c in self.corpus], **{k: getattr(self, k) for k in keys}}
+
+    def corpus_config(self) -> CorpusConfig:
+        return CorpusConfig(seq_len=self.seq_len, split=self.split, text_field=self.text_field, pack=self.pack,
+                            errors=self.errors, unit_documents=self.unit_documents)
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+
+@dataclass
+class BuildResult:
+    out: str
+    num_sequences: int = 0  # written by this run (a resume skips what was committed)
+    num_tokens: int = 0
+    seconds: float = 0.0
+    finished: bool = False  # True when the manifest was written (every partition done)
+    total_bytes: int = 0  # of the whole store, once finished
+    store_tokens: int = 0  # of the whole store, once finished
+    corpus: CorpusStats = field(default_factory=CorpusStats)
+
+    def summary_lines(self) -> list[str]:
+        rate = self.num_tokens / self.seconds if self.seconds else 0.0
+        lines = [f"wrote {self.num_sequences} sequences, {self.num_tokens} tokens in {self.seconds:.1f} s ({rate:,.0f} tokens/s)"]
+        if self.corpus.num_empty_documents:
+            lines.append(f"skipped {self.corpus.num_empty_documents} empty documents")
+        if self.finished:
+            per_token = self.total_bytes / max(1, self.store_tokens)
+            lines.append(f"store {self.out}: {self.total_bytes:,} bytes, {per_token:.1f} bytes/token (kdstore info {self.out})")
+        else:
+            lines.append(f"partition done; the manifest is written when every partition of {self.out} has finished")
+        return lines
+
+
+def tokenizer_info(tokenizer: Any, saved: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    files = sorted(p for p in saved.iterdir() if p.is_file())
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
+    return {"name": str(tokenizer.name_or_path), "files_sha256": digest.hexdigest(), "vocab_size": len(tokenizer),
+            "special_ids": special, "files": [f"tokenizer/{p.name}" for p in files]}
+
+
+def _check_inputs(config: BuildConfig, teacher: Teacher, tokenizer: Any) -> None:
+    if config.seq_len < 2:
+        raise BuildError(f"--seq-len must be at least 2, got {config.seq_len}")
+    if teacher.max_positions and config.seq_len > teacher.max_positions:
+        raise BuildError(f"--seq-len {config.seq_len} is above the teacher's maximum of {teacher.max_positions} positions",
+                         hint=f"use --seq-len {teacher.max_positions} or less")
+    if len(tokenizer) > teacher.vocab_size:
+        raise BuildError(f"the tokenizer has {len(tokenizer)} tokens but the teacher only {teacher.vocab_size} logits",
+                         hint="use the tokenizer that was trained with this teacher")
+
+
+def build(config: BuildConfig) -> BuildResult:
+    """Build (or resume) partition ``config.partition`` of the store at ``config.out``."""
+    from transformers import AutoTokenizer
+
+    started = time.perf_counter()
+    teacher = load_teacher(config.teacher, config.dtype, config.device, config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=config.trust_remote_code)
+    _check_inputs(config, teacher, tokenizer)
+    codec = CodecConfig(k=config.k, vocab_size=teacher.vocab_size, sampled_draws=config.sampled_draws,
+                        sampled_mode=config.sampled_mode)
+    schema = logits_schema(codec, ("teacher_score",))
+    result = BuildResult(out=config.out)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        manifest = Manifest(table="logits", teacher=teacher.info(), tokenizer=tokenizer_info(tokenizer, Path(scratch)),
+                            codec=codec.to_dict(), build=config.recorded())
+        writer = ShardWriter(config.out, manifest, schema, partition=config.partition,
+                             num_partitions=config.num_partitions, shard_bytes=config.shard_bytes,
+                             tokenizer_dir=scratch)
+        try:
+            with writer, _BackgroundWriter(writer, codec, schema) as background:
+                _run_partition(config, teacher, tokenizer, writer, background, result)
+        except OSError as exc:  # read-only folder, full disk, ...
+            raise BuildError(f"cannot write the store at {config.out}: {exc.strerror or exc}",
+                             hint="free space or pick a writable --out; committed shards are kept") from None
+    result.seconds = time.perf_counter() - started
+    done = writer.finalized
+    if done is not None:
+        result.finished, result.total_bytes, result.store_tokens = True, done.total_bytes, done.num_tokens
+    return result
+
+
+def _run_partition(config: BuildConfig, teacher: Teacher, tokenizer: Any, writer: ShardWriter,
+                   background: _BackgroundWriter, result: BuildResult) -> None:
+    corpus_config = config.corpus_config()
+    units = [u for u in iter_units(config.corpus, corpus_config, result.corpus)
+             if partition_of(u.key, config.num_partitions) == config.partition]
+    skip = writer.num_committed_rows
+    progress = _progress(config, len(units))
+    for unit in units:
+        sequences = tokenize_unit(unit, tokenizer, corpus_config)
+        if skip >= len(sequences):
+            skip -= len(sequences)
+            progress.update(1)
+            continue
+        rows = run_teacher(teacher, sequences, config)
+        background.put(rows[skip:])
+        result.num_sequences += len(rows) - skip
+        result.num_tokens += sum(len(r["input_ids"]) for r in rows[skip:])
+        skip = 0
+        progress.update(1)
+        progress.set_postfix(tokens=result.num_tokens, refresh=False)
+    progress.close()
+
+
+def _progress(config: BuildConfig, total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="unit", desc=f"partition {config.partition}", disable=not config.progress,
+                mininterval=2.0)
+
+
+def _uniforms(config: BuildConfig, sequence_id: str, num_positions: int) -> torch.Tensor:
+    """Per-sequence uniforms for sampled draws: a function of (seed, sequence id) only."""
+    seed = int.from_bytes(hashlib.sha256(f"{config.seed}:{sequence_id}".encode()).digest()[:8], "little")
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand((num_positions, config.sampled_draws), generator=generator, dtype=torch.float64)
+
+
+def _batches(sequences: list[Any], batch_tokens: int) -> list[list[int]]:
+    """Indices of sequences grouped by length (longest first) into batches of <= batch_tokens padded tokens."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i].input_ids))
+    batches: list[list[int]] = []
+    for index in order:
+        width = len(sequences[batches[-1][0]].input_ids) if batches else 0
+        if batches and (len(batches[-1]) + 1) * width <= batch_tokens:
+            batches[-1].append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def run_teacher(teacher: Teacher, sequences: list[Any], config: BuildConfig) -> list[dict[str, Any]]:
+    """Teacher outputs for ``sequences`` (in their order): dicts of host arrays, ready to encode."""
+    rows: list[dict[str, Any]] = [{} for _ in sequences]
+    for batch in _batches(sequences, config.batch_tokens):
+        width = len(sequences[batch[0]].input_ids)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, index in enumerate(batch):
+            tokens = torch.from_numpy(sequences[index].input_ids.astype(np.int64))
+            ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
+        ids, mask = ids.to(teacher.device), mask.to(teacher.device)
+        uniforms = torch.stack([_uniforms(config, sequences[i].sequence_id, width) for i in batch]).to(teacher.device) \
+            if config.sampled_draws else None
+        parts: list[dict[str, np.ndarray]] = []
+        for r, p, logits in teacher_logits_chunks(teacher, ids, mask):
+            sparse = sparsify(logits, ids[r, p + 1], config.k)
+            if not torch.isfinite(sparse.pop("lse")).all():
+                bad = int(r[0]) if len(r) else 0
+                raise BuildError(f"the teacher produced NaN or inf logits for sequence {sequences[batch[bad]].sequence_id}",
+                                 hint="try --dtype float32; check the teacher weights")
+            if uniforms is not None:
+                sparse["sampled_ids"], sparse["sampled_counts"] = sample_sparse(
+                    logits, sparse["topk_ids"], uniforms[r, p], config.sampled_mode)
+            sparse["row"] = r
+            parts.append(to_numpy(sparse))
+        merged = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+        for row, index in enumerate(batch):
+            take = merged["row"] == row
+            rows[index] = {"sequence_id": sequences[index].sequence_id, "input_ids": sequences[index].input_ids,
+                           **{name: values[take] for name, values in merged.items() if name != "row"}}
+    return rows
+
+
+class _BackgroundWriter:
+    """Encodes teacher outputs and writes them on a thread; errors surface on the main thread."""
+
+    def __init__(self, writer: ShardWriter, codec: CodecConfig, schema: Any, depth: int = 4) -> None:
+        self.writer, self.codec, self.schema = writer, codec, schema
+        self.queue: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="kdstore-writer", daemon=True)
+
+    def __enter__(self) -> _BackgroundWriter:
+        self.thread.start()
+        return self
+
+    def put(self, rows: list[dict[str, Any]]) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self.queue.put(rows, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def _work(self) -> None:
+        try:
+            while (rows := self.queue.get()) is not None:
+                encoded = [encode_row(self.codec, row) for row in rows]
+                self.writer.write(rows_to_table(self.schema, encoded))
+        except BaseException as exc:  # handed to the main thread, which re-raises it
+            self.error = exc
+            while self.queue.get() is not None:  # drain so the producer never blocks
+                pass
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is not None and self.error is None:
+            self.error = KdstoreError("build stopped")  # makes the worker discard what is still queued
+        self.queue.put(None)
+        self.thread.join()
+        if exc_type is None:
+            self._raise_if_failed()
+
+
+def encode_row(codec: CodecConfig, row: dict[str, Any]) -> dict[str, Any]:
+    """Teacher outputs of one sequence -> one stored row."""
+    columns = encode_positions(codec, row["topk_ids"], row["topk_logprobs"], row["tail_logmass"],
+                               row["target_logprob"], row.get("sampled_ids"), row.get("sampled_counts"))
+    score = float(np.mean(row["target_logprob"])) if len(row["target_logprob"]) else None
+    return {"sequence_id": row["sequence_id"], "input_ids": row["input_ids"], "teacher_score": score, **columns}
+
+
+def finalize_store(out: str) -> str:
+    """``kdstore build --finalize``: write the manifest if every partition has finished."""
+    from kdstore.writer import finalize
+
+    if not Path(out, PARTITION_DIR).is_dir():
+        raise BuildError(f"{out} holds no finished partitions", hint="run the partitions first")
+    manifest = finalize(out)
+    if manifest is None:
+        done = sorted(p.stem for p in Path(out, PARTITION_DIR).glob("part-*.json"))
+        raise BuildError(f"{out}: only {len(done)} partition(s) finished ({', '.join(done)})",
+                         hint="run the missing partitions, then --finalize again")
+    return f"store {out}: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, {len(manifest.shards)} shards"
+
+
+def resolved_config(overrides: dict[str, Any], config_file: str | None) -> BuildConfig:
+    """Defaults < TOML file < explicit overrides (flags)."""
+    values: dict[str, Any] = {}
+    if config_file:
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            values.update(tomllib.loads(Path(config_file).read_text()))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise BuildError(f"cannot read config {config_file}: {exc}") from None
+        unknown = set(values) - BuildConfig.field_names()
+        if unknown:
+            raise BuildError(f"{config_file} has unknown keys: {', '.join(sorted(unknown))}",
+                             hint=f"known keys: {', '.join(sorted(BuildConfig.field_names()))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if "corpus" in values:
+        values["corpus"] = tuple(values["corpus"]) if not isinstance(values["corpus"], str) else (values["corpus"],)
+    return BuildConfig(**values)
+
+

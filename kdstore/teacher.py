@@ -1,0 +1,163 @@
+"""The teacher: load a `transformers` causal LM, run it, and sparsify its logits on the device.
+
+Only what the store keeps leaves the device: per position K ids, K log-probs,
+the tail mass, the target log-prob, and optionally sampled ids with counts.
+The full-vocabulary logits are produced a chunk of positions at a time (the
+decoder runs once, the output head per chunk), so a 128k vocabulary never
+needs a [B, T, V] fp32 tensor.
+
+Math (fp32 throughout, whatever the teacher's dtype):
+    lse           = logsumexp(logits)                    one pass over V
+    topk          = topk(logits) - lse                   one pass over V
+    target        = logits[next token] - lse
+    tail_logmass  = log(1 - sum(exp(topk)))              in float64 on the K values
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdstore.errors import KdstoreError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Position chunk for the output head: chunk * V fp32 logits stay near 256 MB.
+HEAD_CHUNK_ELEMENTS = 1 << 26
+# Config attributes that change logits after the output head; models that have
+# them run the plain full forward instead of decoder + head.
+_POST_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+class TeacherError(KdstoreError):
+    hint = "check --teacher, --dtype and --device"
+
+
+@dataclass
+class Teacher:
+    model: Any
+    device: torch.device
+    dtype_name: str
+    source: str
+    vocab_size: int  # the logit dimension
+    max_positions: int | None
+
+    def info(self) -> dict[str, Any]:
+        """The manifest's ``teacher`` record."""
+        config = self.model.config
+        return {
+            "model": self.source,
+            "revision": getattr(config, "_commit_hash", None),
+            "content_sha256": content_sha256(Path(self.source)) if Path(self.source).is_dir() else None,
+            "dtype": self.dtype_name,
+            "vocab_size": self.vocab_size,
+            "architecture": (config.architectures or [type(self.model).__name__])[0],
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise TeacherError(f"--device {name} asked for CUDA, but torch sees no GPU", hint="use --device cpu or auto")
+    return torch.device(name)
+
+
+def load_teacher(source: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False) -> Teacher:
+    """Load a causal LM with ``from_pretrained`` (a local folder or a hub id) in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    if dtype not in DTYPES:
+        raise TeacherError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    torch_device = resolve_device(device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise TeacherError(f"cannot load teacher {source!r}: {str(exc).splitlines()[0]}") from None
+    model.to(torch_device).eval()
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[DTYPES[dtype]]
+    return Teacher(model, torch_device, name, str(source), vocab_size, max_positions)
+
+
+def content_sha256(folder: Path) -> str:
+    """sha256 over the config and weight files of a model folder, in name order."""
+    digest = hashlib.sha256()
+    patterns = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json")
+    for path in sorted({p for pattern in patterns for p in folder.glob(pattern)}):
+        digest.update(path.name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 22):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def teacher_logits_chunks(teacher: Teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """Yield (row index tensor, position index tensor, fp32 logits [N, V]) over the real positions.
+
+    input_ids, attention_mask: [B, T] on the teacher's device, right-padded.
+    Only positions 0..len-2 of each row are yielded (each predicts a next token).
+    """
+    model = teacher.model
+    predicting = attention_mask.clone()
+    lengths = attention_mask.sum(dim=1)
+    predicting[torch.arange(len(lengths), device=lengths.device), lengths - 1] = 0
+    rows, positions = predicting.nonzero(as_tuple=True)
+    chunk = max(1, HEAD_CHUNK_ELEMENTS // teacher.vocab_size)
+    if any(getattr(model.config, a, None) for a in _POST_HEAD_ATTRIBUTES) or not hasattr(model, "get_decoder"):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        for start in range(0, len(rows), chunk):
+            r, p = rows[start:start + chunk], positions[start:start + chunk]
+            yield r, p, logits[r, p].float()
+        return
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    head = model.get_output_embeddings()
+    for start in range(0, len(rows), chunk):
+        r, p = rows[start:start + chunk], positions[start:start + chunk]
+        yield r, p, head(hidden[r, p]).float()
+
+
+def sparsify(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """fp32 logits [N, V], next-token ids [N] -> top-K ids/log-probs [N, K], tail [N], target [N] (on device)."""
+    lse = torch.logsumexp(logits, dim=-1)
+    values, ids = torch.topk(logits, k, dim=-1, sorted=False)
+    topk_logprobs = values - lse[:, None]
+    target = logits.gather(1, targets[:, None]).squeeze(1) - lse
+    head_mass = torch.logsumexp(topk_logprobs.double(), dim=-1)
+    tail = torch.log(-torch.expm1(head_mass.clamp(max=0.0)))  # log(1 - sum p); -inf when K = V
+    return {"topk_ids": ids, "topk_logprobs": topk_logprobs, "tail_logmass": tail.float(),
+            "target_logprob": target, "lse": lse}
+
+
+def sample_sparse(logits: torch.Tensor, topk_ids: torch.Tensor, uniforms: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ids by inverse CDF from the teacher (mode "full") or from its tail beyond the top-K (mode "tail").
+
+    logits [N, V] fp32, topk_ids [N, K], uniforms [N, D] in [0, 1) -> distinct ids [N, D]
+    padded with -1, and their counts [N, D]. The caller derives the uniforms from
+    (seed, sequence id, position), so draws do not depend on how sequences were batched.
+    """
+    weights = torch.softmax(logits.double(), dim=-1)
+    if mode == "tail":
+        weights = weights.scatter(1, topk_ids, 0.0)
+    cdf = weights.cumsum_(dim=-1)
+    total = cdf[:, -1:]
+    drawn = torch.searchsorted(cdf, uniforms.double() * total).clamp_(max=cdf.shape[1] - 1)
+    drawn, _ = drawn.sort(dim=1)
+    new_run = torch.ones_like(drawn, dtype=torch.bool)
+    new_run[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+    slot = new_run.long().cumsum(dim=1) - 1
+    ids = torch.full_like(drawn, -1).scatter(1, slot, drawn)
+    counts = torch.zeros_like(drawn).scatter_add(1, slot, torch.ones_like(drawn))
+    return ids, counts
+
+
+def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy the sparse results to the host in one go."""
+    return {name: t.cpu().numpy() for name, t in tensors.items()}

@@ -1,0 +1,36 @@
+"""The docs tell the truth: the worked example in docs/format.md runs and prints what the page says."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+from kdstore.format import load_schema_file
+
+DOCS = Path(__file__).parents[1] / "docs"
+
+
+def _blocks(text: str, language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", text, flags=re.S)
+
+
+def test_format_worked_example_prints_what_the_page_shows(tmp_path, monkeypatch):
+    page = (DOCS / "format.md").read_text()
+    code, expected = _blocks(page, "python")[0], _blocks(page, "text")[0]
+    monkeypatch.chdir(tmp_path)
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output):
+        exec(compile(code, "docs/format.md", "exec"), {})
+    assert output.getvalue() == expected
+
+
+def test_format_manifest_example_has_every_required_field():
+    page = (DOCS / "format.md").read_text()
+    example = json.loads(_blocks(page, "json")[0].replace('"..."', "0"))
+    schema = load_schema_file("manifest.schema.json")
+    assert set(schema["required"]) <= set(example)
+    for name in ("teacher", "tokenizer", "codec"):
+        assert set(schema["properties"][name]["required"]) <= set(example[name])
