@@ -34,3 +34,11 @@ def test_format_manifest_example_has_every_required_field():
     assert set(schema["required"]) <= set(example)
     for name in ("teacher", "tokenizer", "codec"):
         assert set(schema["properties"][name]["required"]) <= set(example[name])
+
+
+def test_ci_runs_the_readme_test_command():
+    root = Path(__file__).parents[1]
+    readme = (root / "README.md").read_text()
+    commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)[:2]
+    assert "kdstore build" in commands[0]
+    assert "pytest" in commands[1] and commands[1] in (root / ".ci" / "run").read_text()
