@@ -32,7 +32,7 @@ from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, 
 from kdstore.errors import KdstoreError
 from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table
 from kdstore.teacher import Teacher, load_teacher, sample_sparse, sparsify, teacher_logits_chunks, to_numpy
-from kdstore.writer import ShardWriter
+from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
 
 ASSETS = Path(__file__).with_name("assets")
 DEFAULT_TEACHER = str(ASSETS / "teacher")
@@ -132,23 +132,28 @@ def build(config: BuildConfig) -> BuildResult:
     from transformers import AutoTokenizer
 
     started = time.perf_counter()
+    result = BuildResult(out=config.out)
+    # Read the corpus once before loading the teacher: a bad corpus fails before
+    # minutes of loading, and the count gives the progress bar its total. Only
+    # the count is kept; the build pass streams the units again.
+    num_units = sum(1 for u in iter_units(config.corpus, config.corpus_config(), result.corpus)
+                    if partition_of(u.key, config.num_partitions) == config.partition)
     teacher = load_teacher(config.teacher, config.dtype, config.device, config.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=config.trust_remote_code)
     _check_inputs(config, teacher, tokenizer)
     codec = CodecConfig(k=config.k, vocab_size=teacher.vocab_size, sampled_draws=config.sampled_draws,
                         sampled_mode=config.sampled_mode)
     schema = logits_schema(codec, ("teacher_score",))
-    result = BuildResult(out=config.out)
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer.save_pretrained(scratch)
         manifest = Manifest(table="logits", teacher=teacher.info(), tokenizer=tokenizer_info(tokenizer, Path(scratch)),
                             codec=codec.to_dict(), build=config.recorded())
         writer = ShardWriter(config.out, manifest, schema, partition=config.partition,
                              num_partitions=config.num_partitions, shard_bytes=config.shard_bytes,
-                             tokenizer_dir=scratch)
+                             row_group_bytes=min(DEFAULT_ROW_GROUP_BYTES, config.shard_bytes), tokenizer_dir=scratch)
         try:
             with writer, _BackgroundWriter(writer, codec, schema) as background:
-                _run_partition(config, teacher, tokenizer, writer, background, result)
+                _run_partition(config, num_units, teacher, tokenizer, writer, background, result)
         except OSError as exc:  # read-only folder, full disk, ...
             raise BuildError(f"cannot write the store at {config.out}: {exc.strerror or exc}",
                              hint="free space or pick a writable --out; committed shards are kept") from None
@@ -159,14 +164,14 @@ def build(config: BuildConfig) -> BuildResult:
     return result
 
 
-def _run_partition(config: BuildConfig, teacher: Teacher, tokenizer: Any, writer: ShardWriter,
-                   background: _BackgroundWriter, result: BuildResult) -> None:
+def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokenizer: Any,
+                   writer: ShardWriter, background: _BackgroundWriter, result: BuildResult) -> None:
     corpus_config = config.corpus_config()
-    units = [u for u in iter_units(config.corpus, corpus_config, result.corpus)
-             if partition_of(u.key, config.num_partitions) == config.partition]
     skip = writer.num_committed_rows
-    progress = _progress(config, len(units))
-    for unit in units:
+    progress = _progress(config, num_units)
+    for unit in iter_units(config.corpus, corpus_config):
+        if partition_of(unit.key, config.num_partitions) != config.partition:
+            continue
         sequences = tokenize_unit(unit, tokenizer, corpus_config)
         if skip >= len(sequences):
             skip -= len(sequences)

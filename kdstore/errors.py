@@ -65,3 +65,7 @@ class StoreLockedError(KdstoreError):
 
 class VerifyError(KdstoreError):
     hint = "run `kdstore verify STORE` for the full list of problems"
+
+
+class CorpusError(KdstoreError):
+    hint = "check the corpus paths and CorpusConfig; inputs are .txt, .md, .jsonl, .json, .parquet or saved HF datasets"

@@ -78,3 +78,49 @@ def codec() -> CodecConfig:
 @pytest.fixture
 def store_path(tmp_path: Path, codec: CodecConfig) -> Path:
     return write_store(tmp_path / "store", codec, num_sequences=12, shard_bytes=3000, row_group_bytes=1000)
+
+
+def save_tiny_teacher(folder: Path, vocab_size: int = 320, hidden: int = 32, layers: int = 2, max_positions: int = 512,
+                      seed: int = 0, words: int | None = None) -> Path:
+    """A randomly initialised tiny Llama and a word-level tokenizer, saved with save_pretrained (no downloads).
+
+    The tokenizer knows ``words`` words w0..w{words-1} (default: vocab_size - 4) plus <pad>, <s>, </s>, <unk>.
+    """
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = vocab_size - 4 if words is None else words
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, **{f"w{i}": i + 4 for i in range(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                        pad_token="<pad>", unk_token="<unk>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=max_positions,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_word_corpus(folder: Path, num_files: int = 3, docs_per_file: int = 5, seed: int = 0, words: int = 300) -> Path:
+    """Plain-text files of random 'w<n>' words, documents separated by blank lines."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(num_files):
+        docs = [" ".join(f"w{w}" for w in rng.integers(0, words, rng.integers(5, 60))) for _ in range(docs_per_file)]
+        (folder / f"part{f}.txt").write_text("\n\n".join(docs) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory) -> Path:
+    return save_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny")
+
+
+@pytest.fixture
+def word_corpus(tmp_path) -> Path:
+    return write_word_corpus(tmp_path / "corpus")

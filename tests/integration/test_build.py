@@ -1,0 +1,232 @@
+"""`kdstore build` end to end with real (tiny) transformers teachers and real files."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from conftest import save_tiny_teacher, write_word_corpus
+from kdstore.cli.main import cli
+from kdstore.store import open_store
+
+
+def run(*args) -> object:
+    return CliRunner().invoke(cli, ["build", *map(str, args)])
+
+
+def one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    return [line for line in result.output.splitlines() if line.strip()][-1]
+
+
+def store_rows(path: Path) -> dict[str, tuple]:
+    """sequence id -> its decoded content, for comparing stores written differently."""
+    store = open_store(path)
+    return {s["sequence_id"]: tuple(np.asarray(s[k]).tobytes() for k in sorted(s) if k != "sequence_id")
+            for s in store.iter_sequences()}
+
+
+def test_build_writes_a_store_that_verifies_and_records_its_provenance(tmp_path, tiny_teacher, word_corpus):
+    result = run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "8", "--seq-len", "24")
+    assert result.exit_code == 0, result.output
+    assert "bytes/token" in result.output
+    store = open_store(tmp_path / "s")
+    assert store.verify() == []
+    manifest = store.manifest
+    assert manifest.teacher["vocab_size"] == 320 and manifest.teacher["content_sha256"]
+    assert manifest.tokenizer["special_ids"] == {"bos": 1, "eos": 2, "pad": 0, "unk": 3}
+    assert manifest.build["seq_len"] == 24 and manifest.codec["k"] == 8
+    assert (tmp_path / "s" / "tokenizer" / "tokenizer.json").exists()
+    first = next(store.iter_sequences())
+    assert first["input_ids"][0] == 1 and len(first["input_ids"]) <= 24
+    assert all(np.isfinite(first["teacher_score"]) for first in [first])
+
+
+def test_stored_logprobs_match_a_dense_log_softmax_of_the_teacher(tmp_path, tiny_teacher, word_corpus):
+    from transformers import AutoModelForCausalLM
+
+    assert run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "8", "--seq-len", "24").exit_code == 0
+    store = open_store(tmp_path / "s")
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    bound = store.codec.codebook.log_step / 2 + 1e-4
+    for sequence in list(store.iter_sequences())[:5]:
+        with torch.no_grad():
+            dense = torch.log_softmax(model(torch.tensor(sequence["input_ids"][None], dtype=torch.long)).logits[0, :-1], -1)
+        want = torch.gather(dense, 1, torch.from_numpy(sequence["topk_ids"].astype(np.int64)))
+        assert (want - torch.from_numpy(sequence["topk_logprobs"])).abs().max() <= bound
+        assert set(sequence["topk_ids"][0]) == set(dense[0].topk(8).indices.tolist())
+        target = dense[torch.arange(len(dense)), torch.from_numpy(sequence["input_ids"][1:].astype(np.int64))]
+        assert (target - torch.from_numpy(sequence["target_logprob"])).abs().max() <= bound
+
+
+def test_partitioned_build_holds_the_same_sequences_as_a_single_one(tmp_path, tiny_teacher):
+    corpus = write_word_corpus(tmp_path / "corpus", num_files=4, docs_per_file=6)
+    common = ["--teacher", tiny_teacher, "-k", "4", "--seq-len", "16"]
+    assert run(corpus, "--out", tmp_path / "one", *common).exit_code == 0
+    for partition in (1, 2, 0):
+        assert not (tmp_path / "three" / "manifest.json").exists()
+        result = run(corpus, "--out", tmp_path / "three", *common, "--num-partitions", "3", "--partition", partition)
+        assert result.exit_code == 0, result.output
+    assert store_rows(tmp_path / "one") == store_rows(tmp_path / "three")
+    assert open_store(tmp_path / "three").verify() == []
+    assert "store" in CliRunner().invoke(cli, ["build", "--finalize", "--out", str(tmp_path / "three")]).output
+
+
+def test_build_config_file_is_read_and_flags_override_it(tmp_path, tiny_teacher, word_corpus):
+    config = tmp_path / "build.toml"
+    config.write_text(f'teacher = "{tiny_teacher}"\nk = 5\nseq_len = 20\nsampled_draws = 16\nsampled_mode = "tail"\n')
+    result = run(word_corpus, "--config", config, "-k", "6", "--out", tmp_path / "s")
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "s")
+    assert store.codec.k == 6 and store.manifest.build["seq_len"] == 20
+    assert store.codec.sampled_draws == 16 and store.verify() == []
+    sequence = next(store.iter_sequences())
+    offsets = sequence["sampled_offsets"]
+    for t in range(len(offsets) - 1):  # tail draws never hit a top-K id
+        assert not set(sequence["sampled_ids"][offsets[t]:offsets[t + 1]]) & set(sequence["topk_ids"][t])
+        assert sequence["sampled_counts"][offsets[t]:offsets[t + 1]].sum() == 16
+
+
+def test_unknown_config_key_is_one_line(tmp_path, word_corpus):
+    config = tmp_path / "build.toml"
+    config.write_text("kay = 5\n")
+    assert "unknown keys: kay" in one_line_error(run(word_corpus, "--config", config))
+
+
+def test_empty_corpus_is_one_line(tmp_path, tiny_teacher):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("  \n\n \n")
+    line = one_line_error(run(tmp_path / "empty", "--teacher", tiny_teacher, "--out", tmp_path / "s"))
+    assert "no documents" in line
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_whitespace_documents_are_skipped_and_counted(tmp_path, tiny_teacher):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("w1 w2 w3\n\n   \n\n\t\n\nw4 w5\n")
+    result = run(tmp_path / "c", "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "4")
+    assert result.exit_code == 0, result.output
+    assert open_store(tmp_path / "s").manifest.num_sequences == 2
+
+
+def test_non_utf8_names_file_and_offset_unless_replace(tmp_path, tiny_teacher):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "bad.txt").write_bytes(b"w1 w2\n\nw3 \xff w4\n")
+    line = one_line_error(run(tmp_path / "c", "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "4"))
+    assert "bad.txt" in line and "offset" in line
+    result = run(tmp_path / "c", "--teacher", tiny_teacher, "--out", tmp_path / "s2", "-k", "4", "--errors", "replace")
+    assert result.exit_code == 0, result.output
+
+
+def test_sequence_longer_than_the_teacher_allows_is_one_line(tmp_path, tiny_teacher, word_corpus):
+    line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "--seq-len", "4096"))
+    assert "above the teacher's maximum of 512" in line
+
+
+def test_k_larger_than_the_vocabulary_is_one_line(tmp_path, tiny_teacher, word_corpus):
+    line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "1000"))
+    assert "K=1000" in line and "320" in line
+
+
+def test_teacher_with_nan_logits_stops_naming_the_sequence(tmp_path, word_corpus):
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_teacher(tmp_path / "nan")
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    line = one_line_error(run(word_corpus, "--teacher", folder, "--out", tmp_path / "s", "-k", "4"))
+    assert "NaN or inf logits for sequence" in line
+    assert not (tmp_path / "s" / "manifest.json").exists()
+
+
+def test_tokenizer_larger_than_the_logit_dimension_is_refused(tmp_path, word_corpus):
+    folder = save_tiny_teacher(tmp_path / "t", vocab_size=100, words=300)
+    line = one_line_error(run(word_corpus, "--teacher", folder, "--out", tmp_path / "s", "-k", "4"))
+    assert "304 tokens" in line and "100 logits" in line
+
+
+def test_tokenizer_smaller_than_the_logit_dimension_is_recorded(tmp_path, word_corpus):
+    folder = save_tiny_teacher(tmp_path / "t", vocab_size=400, words=300)
+    assert run(word_corpus, "--teacher", folder, "--out", tmp_path / "s", "-k", "4").exit_code == 0
+    manifest = open_store(tmp_path / "s").manifest
+    assert (manifest.teacher["vocab_size"], manifest.tokenizer["vocab_size"]) == (400, 304)
+
+
+def test_building_into_a_store_of_another_teacher_is_refused(tmp_path, tiny_teacher, word_corpus):
+    assert run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "4").exit_code == 0
+    other = save_tiny_teacher(tmp_path / "other", seed=1)
+    line = one_line_error(run(word_corpus, "--teacher", other, "--out", tmp_path / "s", "-k", "4"))
+    assert "different teacher" in line
+
+
+def test_output_folder_that_cannot_be_created_is_one_line(tmp_path, tiny_teacher, word_corpus):
+    (tmp_path / "file").write_text("not a folder")
+    line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "file" / "s", "-k", "4"))
+    assert "cannot write the store" in line
+
+
+def test_full_disk_is_one_line_and_a_rerun_finishes(tmp_path, tiny_teacher, word_corpus):
+    """A real failed write: the file-size limit makes write() fail with EFBIG, as a full disk fails with ENOSPC."""
+    import resource
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    command = [sys.executable, "-m", "kdstore.cli.main", "build", str(word_corpus), "--teacher", str(tiny_teacher),
+               "--out", str(tmp_path / "s"), "-k", "4"]
+    failed = subprocess.run(command, capture_output=True, text=True, preexec_fn=limit_file_size)
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr.strip().splitlines()[-1].startswith("Error: cannot write the store")
+    assert "Traceback" not in failed.stderr
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert open_store(tmp_path / "s").verify() == []
+
+
+def test_second_build_of_the_same_partition_is_refused_by_the_lock(tmp_path, tiny_teacher, word_corpus):
+    from kdstore.writer import _lock
+
+    (tmp_path / "s" / "_locks").mkdir(parents=True)
+    with _lock(tmp_path / "s" / "_locks" / "part-00000.lock", blocking=False):
+        line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "4"))
+    assert "being written by another process" in line
+
+
+def test_kill_9_at_20_random_points_then_rerun_gives_the_uninterrupted_store(tmp_path, tiny_teacher):
+    corpus = write_word_corpus(tmp_path / "corpus", num_files=4, docs_per_file=8)
+    config = tmp_path / "build.toml"
+    config.write_text(f'teacher = "{tiny_teacher}"\nk = 8\nseq_len = 16\nunit_documents = 2\n'
+                      f'shard_bytes = 6000\nprogress = false\ndevice = "cpu"\n')
+    command = [sys.executable, "-m", "kdstore.cli.main", "build", str(corpus), "--config", str(config)]
+    assert subprocess.run([*command, "--out", str(tmp_path / "whole")], capture_output=True).returncode == 0
+    rng = random.Random(7)
+    target = tmp_path / "killed"
+    mid_build = 0  # kills that left committed shards but no manifest: they landed inside the build
+    for _ in range(20):
+        process = subprocess.Popen([*command, "--out", str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(rng.uniform(1.0, 4.0))  # ~2 s of imports, then the build
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if (target / "manifest.json").exists():
+            assert open_store(target).verify() == []
+        else:
+            mid_build += any((target / "shards").glob("*.parquet"))
+    assert mid_build >= 3, "the kills did not land inside the build; adjust the sleeps"
+    assert subprocess.run([*command, "--out", str(target)], capture_output=True).returncode == 0
+    whole, killed = (json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "whole", target))
+    whole.pop("created_at"), killed.pop("created_at")
+    assert whole == killed  # same shards, same sha256: byte-identical content
