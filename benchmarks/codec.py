@@ -131,7 +131,8 @@ def measure_kdstore(ids, values, tail, target, tokens, vocab, codebook, workdir:
         writer.write(rows_to_table(schema, rows))
     store = open_store(store_path)
     start = time.perf_counter()
-    read_positions = sum(len(b["topk_ids"]) for b in store.iter_batches(columns=["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"]))
+    wanted = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"]
+    read_positions = sum(len(b["topk_ids"]) for b in store.iter_batches(columns=wanted))
     read_rate = read_positions / (time.perf_counter() - start)
     return {"bytes_per_token": store.manifest.total_bytes / store.manifest.num_tokens, "kl": kl,
             "encode": rate(encode, num_positions), "decode": rate(decode, num_positions), "read_decode": read_rate}
@@ -178,14 +179,15 @@ def main() -> None:
     targets = tokens[:, 1:].reshape(-1)[:num_positions]
     print(f"teacher {args.teacher}: vocabulary {logprobs.shape[1]}, {num_positions} positions; "
           f"ids for the 128k rows: Zipf exponent {args.zipf}")
-    header = f"{'vocab':>7} {'K':>4} {'scheme':<18} {'B/token':>8} {'vs DK':>6} {'KL nats':>9} {'enc Mpos/s':>10} {'dec Mpos/s':>10} {'read+dec':>9}"
+    header = (f"{'vocab':>7} {'K':>4} {'scheme':<18} {'B/token':>8} {'vs DK':>6} {'KL nats':>9} "
+              f"{'enc Mpos/s':>10} {'dec Mpos/s':>10} {'read+dec':>9}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as workdir:
         for k in KS:
             ids, values, tail, target = topk_parts(logprobs, targets, k)
-            for vocab_name, vocab, use_ids in (("teacher", logprobs.shape[1], ids),
-                                               ("128k", BIG_VOCAB, zipf_ids(rng, num_positions, k, BIG_VOCAB, args.zipf))):
+            big_ids = zipf_ids(rng, num_positions, k, BIG_VOCAB, args.zipf)
+            for vocab_name, vocab, use_ids in (("teacher", logprobs.shape[1], ids), ("128k", BIG_VOCAB, big_ids)):
                 reference = measure_distillkit(use_ids, values, tail, vocab)
                 naive = 8 * k + 12
                 results = [("distillkit-style", reference)]
@@ -196,7 +198,8 @@ def main() -> None:
                     ratio = r["bytes_per_token"] / reference["bytes_per_token"]
                     speeds = " ".join(f"{r[key] / 1e6:>10.2f}" if key in r else f"{'':>10}" for key in ("encode", "decode"))
                     read = f"{r['read_decode'] / 1e6:>9.2f}" if "read_decode" in r else ""
-                    print(f"{vocab_name:>7} {k:>4} {label:<18} {r['bytes_per_token']:>8.1f} {ratio:>6.2f} {r['kl']:>9.2e} {speeds} {read}")
+                    print(f"{vocab_name:>7} {k:>4} {label:<18} {r['bytes_per_token']:>8.1f} {ratio:>6.2f} "
+                          f"{r['kl']:>9.2e} {speeds} {read}")
     print("B/token: all-in bytes per token; vs DK: ratio to the distillkit-style row of the same vocab and K.")
 
 

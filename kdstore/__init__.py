@@ -5,6 +5,9 @@ Public API::
     import kdstore
     store = kdstore.open_store("path/to/store")
     problems = store.verify()
+
+    from kdstore.build import BuildConfig, build   # loads torch and transformers
+    build(BuildConfig(corpus=("docs/",), teacher="my-teacher", out="store"))
 """
 
 __version__ = "0.1.0"

@@ -87,7 +87,8 @@ class BuildResult:
     out: str
     num_sequences: int = 0  # written by this run (a resume skips what was committed)
     num_tokens: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time, teacher loading included
+    compute_seconds: float = 0.0  # first unit to closed store: teacher, encoding and writing
     finished: bool = False  # True when the manifest was written (every partition done)
     total_bytes: int = 0  # of the whole store, once finished
     store_tokens: int = 0  # of the whole store, once finished
@@ -151,6 +152,7 @@ def build(config: BuildConfig) -> BuildResult:
         writer = ShardWriter(config.out, manifest, schema, partition=config.partition,
                              num_partitions=config.num_partitions, shard_bytes=config.shard_bytes,
                              row_group_bytes=min(DEFAULT_ROW_GROUP_BYTES, config.shard_bytes), tokenizer_dir=scratch)
+        compute_started = time.perf_counter()
         try:
             with writer, _BackgroundWriter(writer, codec, schema) as background:
                 _run_partition(config, num_units, teacher, tokenizer, writer, background, result)
@@ -158,6 +160,7 @@ def build(config: BuildConfig) -> BuildResult:
             raise BuildError(f"cannot write the store at {config.out}: {exc.strerror or exc}",
                              hint="free space or pick a writable --out; committed shards are kept") from None
     result.seconds = time.perf_counter() - started
+    result.compute_seconds = time.perf_counter() - compute_started
     done = writer.finalized
     if done is not None:
         result.finished, result.total_bytes, result.store_tokens = True, done.total_bytes, done.num_tokens

@@ -83,7 +83,8 @@ class Store:
 
     def __post_init__(self) -> None:
         if self.manifest.table != TABLE_LOGITS:
-            raise ManifestError(f"{self.root} is a {self.manifest.table!r} store; only 'logits' stores can be read in this version")
+            raise ManifestError(f"{self.root} is a {self.manifest.table!r} store; "
+                                "only 'logits' stores can be read in this version")
         self.codec: CodecConfig = self.manifest.codec_config()
         scores = tuple(c for c in self.manifest.columns if c in SCORE_COLUMNS)
         self.schema = logits_schema(self.codec, scores)

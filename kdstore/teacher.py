@@ -136,7 +136,8 @@ def sparsify(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, t
             "target_logprob": target, "lse": lse}
 
 
-def sample_sparse(logits: torch.Tensor, topk_ids: torch.Tensor, uniforms: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_sparse(logits: torch.Tensor, topk_ids: torch.Tensor, uniforms: torch.Tensor,
+                  mode: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw ids by inverse CDF from the teacher (mode "full") or from its tail beyond the top-K (mode "tail").
 
     logits [N, V] fp32, topk_ids [N, K], uniforms [N, D] in [0, 1) -> distinct ids [N, D]

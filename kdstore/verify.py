@@ -39,19 +39,15 @@ def verify_store(store: Store) -> list[str]:
     if table_max > 0:
         problems.append(f"manifest: the log-prob codebook decodes to positive values (max {table_max})")
     seen_ids: set[str] = set()
-    total_rows = total_tokens = 0
     for shard in store.manifest.shards:
         try:
-            rows, tokens = _verify_shard(store, shard, seen_ids, problems)
+            _verify_shard(store, shard, seen_ids, problems)
         except KdstoreError as exc:
             problems.append(str(exc))
-            continue
-        total_rows += rows
-        total_tokens += tokens
     return problems
 
 
-def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[str]) -> tuple[int, int]:
+def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[str]) -> None:
     check_shard_file(store, shard)
     essentials = shard_essentials(store, shard)
     identity = store.manifest.identity()
@@ -62,7 +58,7 @@ def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[s
     found = parquet.schema_arrow.remove_metadata()
     if not found.equals(store.schema):
         problems.append(f"shard {shard.path}: schema {_describe(found)} differs from the format's {_describe(store.schema)}")
-        return 0, 0
+        return
     rows = tokens = 0
     for group in range(parquet.num_row_groups):
         try:
@@ -81,7 +77,6 @@ def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[s
     if (rows, tokens) != (shard.num_rows, shard.num_tokens):
         problems.append(f"shard {shard.path}: holds {rows} sequences / {tokens} tokens; "
                         f"the manifest says {shard.num_rows} / {shard.num_tokens}")
-    return rows, tokens
 
 
 def _describe(schema: pa.Schema) -> str:
@@ -95,73 +90,73 @@ def _examples(ids: list[str], row_of: np.ndarray, bad: np.ndarray) -> str:
 
 def check_rows(codec: CodecConfig, table: pa.Table) -> list[str]:
     """The row invariants of the module docstring, for one Table of stored columns."""
-    problems: list[str] = []
     ids = table["sequence_id"].to_pylist()
     tokens, token_offsets = list_parts(table["input_ids"])
     num_positions = np.maximum(np.diff(token_offsets) - 1, 0)
-    k = codec.k
-    expected = {"topk_id_deltas": num_positions * k, "topk_logprob_codes": num_positions * k}
-    for name in ("tail_logmass_codes", "target_logprob_codes", "sampled_num_ids"):
-        if name in table.column_names:
-            expected[name] = num_positions
-    parts = {name: list_parts(table[name]) for name in table.column_names if name.endswith(("_deltas", "_codes", "_ids", "_counts")) and name != "input_ids"}
-    for name, lengths in expected.items():
-        bad = np.diff(parts[name][1]) != lengths
-        if bad.any():
-            return [f"{int(bad.sum())} sequences where {name} has the wrong length for their {len(tokens)} tokens"
-                    + ", e.g. sequence " + ", ".join(repr(ids[r]) for r in np.flatnonzero(bad)[:MAX_EXAMPLES])]
+    parts = {name: list_parts(table[name]) for name in table.column_names
+             if name not in ("sequence_id", "input_ids") and pa.types.is_list(table.schema.field(name).type)}
+    wrong_length = _check_lengths(codec.k, parts, num_positions, ids)
+    if wrong_length:
+        return [wrong_length]  # the other checks would index garbage
     row_of_position = np.repeat(np.arange(len(ids)), num_positions)
-    vocab = codec.vocab_size
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab):
-        problems.append(f"input_ids outside [0, {vocab})")
-    deltas = parts["topk_id_deltas"][0].reshape(-1, k).astype(np.uint64)
+    problems = []
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= codec.vocab_size):
+        problems.append(f"input_ids outside [0, {codec.vocab_size})")
+    deltas = parts["topk_id_deltas"][0].reshape(-1, codec.k).astype(np.uint64)
     topk_ids = np.cumsum(deltas, axis=1)
-    bad = (topk_ids[:, -1] >= vocab) if k else np.zeros(0, bool)
-    if bad.any():
-        problems.append(f"{int(bad.sum())} positions with top-K ids >= vocab_size {vocab}" + _examples(ids, row_of_position, bad))
-    bad = (deltas[:, 1:] == 0).any(axis=1)
-    if bad.any():
-        problems.append(f"{int(bad.sum())} positions whose top-K ids are not strictly ascending" + _examples(ids, row_of_position, bad))
-    table_f = codec.codebook.table.astype(np.float64)
-    err = codec.codebook.max_log_error
-    codes = parts["topk_logprob_codes"][0].reshape(-1, k)
+    codes = parts["topk_logprob_codes"][0].reshape(-1, codec.k)
+    checks = [
+        (topk_ids[:, -1] >= codec.vocab_size, f"with top-K ids >= vocab_size {codec.vocab_size}"),
+        ((deltas[:, 1:] == 0).any(axis=1), "whose top-K ids are not strictly ascending"),
+    ]
     if "tail_logmass_codes" in parts:
-        tail_codes = parts["tail_logmass_codes"][0]
-        total = np.exp(table_f[codes]).sum(axis=1) + np.exp(table_f[tail_codes])
-        bad = np.abs(total - 1.0) > sum_check_tolerance(codec, codes, tail_codes)
-        if bad.any():
-            problems.append(f"{int(bad.sum())} positions where sum(p) + tail is not 1 (worst {total[bad][0]:.4f})"
-                            + _examples(ids, row_of_position, bad))
+        checks.append(_check_mass(codec, codes, parts["tail_logmass_codes"][0]))
     if "target_logprob_codes" in parts:
-        problems += _check_targets(codec, tokens, token_offsets, topk_ids, codes, parts, ids, row_of_position)
+        checks += _check_targets(codec, tokens, token_offsets, topk_ids, codes, parts["target_logprob_codes"][0])
+    for bad, what in checks:
+        if bad.any():
+            problems.append(f"{int(bad.sum())} positions {what}" + _examples(ids, row_of_position, bad))
     if "sampled_num_ids" in parts:
         problems += _check_sampled(codec, parts, ids, row_of_position)
     return problems
 
 
+def _check_lengths(k: int, parts: dict[str, Any], num_positions: np.ndarray, ids: list[str]) -> str | None:
+    per_position = {"topk_id_deltas": k, "topk_logprob_codes": k, "tail_logmass_codes": 1,
+                    "target_logprob_codes": 1, "sampled_num_ids": 1}
+    for name, width in per_position.items():
+        if name in parts:
+            bad = np.diff(parts[name][1]) != num_positions * width
+            if bad.any():
+                names = ", ".join(repr(ids[r]) for r in np.flatnonzero(bad)[:MAX_EXAMPLES])
+                return f"{int(bad.sum())} sequences whose {name} length does not fit their tokens, e.g. sequence {names}"
+    return None
+
+
+def _check_mass(codec: CodecConfig, codes: np.ndarray, tail_codes: np.ndarray) -> tuple[np.ndarray, str]:
+    table = codec.codebook.table.astype(np.float64)
+    total = np.exp(table[codes]).sum(axis=1) + np.exp(table[tail_codes])
+    bad = np.abs(total - 1.0) > sum_check_tolerance(codec, codes, tail_codes)
+    worst = f" (worst {total[bad][np.argmax(np.abs(total[bad] - 1))]:.4f})" if bad.any() else ""
+    return bad, f"where sum(p) + tail is not 1{worst}"
+
+
 def _check_targets(codec: CodecConfig, tokens: np.ndarray, token_offsets: np.ndarray, topk_ids: np.ndarray,
-                   codes: np.ndarray, parts: dict[str, Any], ids: list[str], row_of: np.ndarray) -> list[str]:
-    table_f = codec.codebook.table.astype(np.float64)
+                   codes: np.ndarray, target_codes: np.ndarray) -> list[tuple[np.ndarray, str]]:
+    table = codec.codebook.table.astype(np.float64)
     err = codec.codebook.max_log_error
-    next_token = np.ones(len(tokens), dtype=bool)
-    next_token[token_offsets[:-1]] = False  # the first token of a sequence is nobody's target
-    targets = tokens[next_token].astype(np.uint64)
-    target_codes = parts["target_logprob_codes"][0]
+    is_target = np.ones(len(tokens), dtype=bool)
+    is_target[token_offsets[:-1]] = False  # the first token of a sequence is nobody's target
+    targets = tokens[is_target].astype(np.uint64)
     hit = topk_ids == targets[:, None]
     in_topk = hit.any(axis=1)
     slack = err[target_codes] + 1e-6
     hit_codes = codes[np.arange(len(codes)), hit.argmax(axis=1)]
-    mismatch = in_topk & (np.abs(table_f[target_codes] - table_f[hit_codes]) > slack + err[hit_codes])
-    min_codes = codes.max(axis=1)  # the largest code is the smallest log-prob
-    too_big = ~in_topk & (table_f[target_codes] > table_f[min_codes] + slack + err[min_codes])
-    problems = []
-    if mismatch.any():
-        problems.append(f"{int(mismatch.sum())} positions whose target log-prob differs from its top-K entry"
-                        + _examples(ids, row_of, mismatch))
-    if too_big.any():
-        problems.append(f"{int(too_big.sum())} positions whose target is outside the top-K but more likely than "
-                        "every top-K token" + _examples(ids, row_of, too_big))
-    return problems
+    mismatch = in_topk & (np.abs(table[target_codes] - table[hit_codes]) > slack + err[hit_codes])
+    least_likely = codes.max(axis=1)  # the largest code is the smallest log-prob
+    too_likely = ~in_topk & (table[target_codes] > table[least_likely] + slack + err[least_likely])
+    return [(mismatch, "whose target log-prob differs from its top-K entry"),
+            (too_likely, "whose target is outside the top-K but more likely than every top-K token")]
 
 
 def _check_sampled(codec: CodecConfig, parts: dict[str, Any], ids: list[str], row_of: np.ndarray) -> list[str]:

@@ -18,8 +18,7 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-from kdstore.corpus import (CorpusConfig, CorpusStats, WorkUnit, iter_units, partition_of, sequence_id,
-                            tokenize_unit)
+from kdstore.corpus import CorpusConfig, CorpusStats, WorkUnit, iter_units, partition_of, sequence_id, tokenize_unit
 from kdstore.errors import CorpusError
 
 WORDS = "the quick brown fox jumps over lazy dog a stitch in time saves nine".split()
@@ -196,7 +195,8 @@ def test_overlap_by_one_chunking_makes_every_token_after_the_first_a_target_exac
     assert all(2 <= len(s.input_ids) <= seq_len and s.input_ids.dtype == np.int32 for s in sequences)
     chunks = [s.input_ids.tolist() for s in sequences]
     for stream in streams:
-        mine, chunks = chunks[:math.ceil((len(stream) - 1) / (seq_len - 1))], chunks[math.ceil((len(stream) - 1) / (seq_len - 1)):]
+        count = math.ceil((len(stream) - 1) / (seq_len - 1))
+        mine, chunks = chunks[:count], chunks[count:]
         assert [t for c in mine for t in c[1:]] == stream[1:]  # targets: each token after the first, once, in order
         assert [t for c in mine for t in c[:-1]] == stream[:-1]  # inputs: the stream without its last token
         assert all(len(c) == seq_len for c in mine[:-1])  # only a stream's last chunk may be short

@@ -165,7 +165,7 @@ def test_lengths_inconsistent_with_tokens_are_reported(store_path):
 
     _rewrite_shard(store_path, 0, shorten)
     problems = open_store(store_path).verify()
-    assert any("wrong length" in p for p in problems), problems
+    assert any("length does not fit their tokens" in p for p in problems), problems
 
 
 def test_duplicate_sequence_ids_are_reported(store_path):
