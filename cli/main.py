@@ -130,7 +130,8 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
       kdstore build data/*.jsonl --teacher ./my-teacher --out store -k 64 --seq-len 1024
       for i in 0 1 2 3; do kdstore build data/ --out store --num-partitions 4 --partition $i & done; wait
     """
-    from kdstore.build import build as run_build, finalize_store, resolved_config
+    from kdstore.build import build as run_build
+    from kdstore.build import finalize_store, resolved_config
 
     config = resolved_config({**flags, "corpus": corpus or None}, config_file)
     if finalize_only:
@@ -138,6 +139,27 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
         return
     for line in run_build(config).summary_lines():
         click.echo(line)
+
+
+@cli.command()
+@store_argument
+@click.option("--to", "target", type=click.Choice(["arrow"]), required=True, help="What to convert the store to.")
+@click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
+              help="Folder for the copy. [default: STORE/_cache/arrow]")
+def convert(store: str, target: str, cache_dir: str | None) -> None:
+    """Write the uncompressed Arrow copy that the memory-mapped loader reads (otherwise made on first use).
+
+    The copy is checked against the manifest's sha256s, written atomically and
+    reused until the shards change.
+
+    \b
+    Example:
+      kdstore convert my-store --to arrow
+    """
+    from kdstore.loader import convert_to_arrow
+
+    path = convert_to_arrow(store, cache_dir)
+    click.echo(f"{target} copy: {path} ({path.stat().st_size:,} bytes)")
 
 
 def main() -> None:

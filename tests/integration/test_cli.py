@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -61,9 +60,10 @@ def test_head_shows_ids_without_a_tokenizer(store_path):
 
 
 def test_head_decodes_tokens_with_the_store_tokenizer(tmp_path, codec):
-    from conftest import write_store
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import write_store
 
     vocab = {f"w{i}": i for i in range(300)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))

@@ -1,0 +1,505 @@
+"""Datasets that stream a store into any PyTorch trainer: memory-mapped or streamed, shuffled, partitioned, resumable.
+
+    from kdstore.loader import MemoryMappedDataset, StreamingDataset, make_dataloader
+    from kdstore.shuffle import PlanConfig
+
+    plan = PlanConfig(batch_size=16, seed=0)
+    loader = make_dataloader(MemoryMappedDataset("store"), plan, num_workers=2)   # local, random access
+    loader = make_dataloader(StreamingDataset("s3://bucket/store"), plan)       # any fsspec URL, no local copy
+    for epoch in range(3):
+        set_epoch(loader, epoch)
+        for batch in loader:           # padded tensors (kdstore.collate); loader.state_dict() resumes exactly
+            ...
+
+Both datasets follow one epoch plan (kdstore.shuffle), so with the same store,
+PlanConfig, rank and number of ranks they yield byte-identical batches;
+``MemoryMappedDataset`` in batch order 0, 1, 2, ..., ``StreamingDataset`` with
+W DataLoader workers in the order ``interleave_workers`` gives (the same
+order when W <= 1). docs/loader.md has the details.
+
+* ``MemoryMappedDataset`` reads a local uncompressed Arrow IPC copy of the
+  store (made on first use, or by ``kdstore convert STORE --to arrow``) through
+  ``mmap``: a sample is a few slices of the mapped file, and the pages it
+  touched are handed back to the kernel every ``release_bytes`` so the
+  process's RSS does not grow with the store.
+* ``StreamingDataset`` reads Parquet row groups directly, locally or through
+  fsspec, holding only the row groups of the current shuffle window.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import mmap
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+
+from kdstore.codec import CodecConfig, decode_positions
+from kdstore.collate import Collator
+from kdstore.errors import KdstoreError, ShardCorruptError, ShardMissingError, StoreNotFoundError
+from kdstore.format import MANIFEST_NAME, Manifest, safe_relative_path
+from kdstore.shuffle import EpochPlan, PlanConfig, distributed_rank, interleave_workers, worker_batches
+from kdstore.store import Store, check_shard_file, list_parts, open_store
+
+CACHE_DIR = "_cache/arrow"  # under the store folder
+FAULT_AROUND_BYTES = 16 * mmap.PAGESIZE  # Linux maps up to fault_around_bytes (default 64 KiB) per fault
+DEFAULT_RELEASE_BYTES = 16 << 20  # mapped bytes read between MADV_DONTNEED calls: RSS stays within ~this of the start
+
+
+class EmptyStoreError(KdstoreError):
+    hint = "build the store with at least one sequence (`kdstore info STORE` shows the counts)"
+
+
+class TokenizerMismatchError(KdstoreError):
+    hint = "train the student with the teacher's tokenizer (STORE/tokenizer/), or pass allow_tokenizer_mismatch=True"
+
+
+class ResumeError(KdstoreError):
+    hint = "resume with the same store, PlanConfig, ranks and DataLoader workers as the run that saved the state"
+
+
+# -- stores: local or fsspec ------------------------------------------------
+@dataclass(frozen=True)
+class StoreSource:
+    """An opened store and where its files are: ``fs`` None for a local folder, else an fsspec filesystem."""
+
+    store: Store
+    location: str
+    fs: Any = None
+    fs_root: str = ""
+
+    def open_parquet(self, index: int) -> pq.ParquetFile:
+        """Shard ``index`` of the manifest as a ParquetFile (page checksums on)."""
+        shard = self.store.manifest.shards[index]
+        if self.fs is None:
+            return self.store.open_shard(shard)
+        try:
+            handle = self.fs.open(f"{self.fs_root}/{safe_relative_path(shard.path)}", "rb")
+            return pq.ParquetFile(handle, page_checksum_verification=True)
+        except FileNotFoundError:
+            raise ShardMissingError(f"shard {shard.path} listed in the manifest is missing from {self.location}") from None
+        except (OSError, pa.ArrowException) as exc:
+            raise ShardCorruptError(f"shard {shard.path} cannot be opened: {exc}") from None
+
+
+def load_store(store: str | os.PathLike[str] | Store, storage_options: dict[str, Any] | None = None) -> StoreSource:
+    """A local path or an fsspec URL (``s3://``, ``gs://``, ``file://``, ...) -> StoreSource; refuses an empty store."""
+    if isinstance(store, Store):
+        source = StoreSource(store, str(store.root))
+    elif "://" in str(store):
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(str(store), **(storage_options or {}))
+        try:
+            text = fs.cat_file(f"{root}/{MANIFEST_NAME}").decode()
+        except FileNotFoundError:
+            raise StoreNotFoundError(f"{store} is not a kdstore store: it has no {MANIFEST_NAME}") from None
+        manifest = Manifest.from_json(text, f"{store}/{MANIFEST_NAME}")
+        source = StoreSource(Store(Path(root), manifest), str(store), fs, root)
+    else:
+        source = StoreSource(open_store(store), str(store))
+    if source.store.manifest.num_sequences == 0:
+        raise EmptyStoreError(f"store {source.location} has no sequences")
+    return source
+
+
+def check_tokenizer(store: Store, student_tokenizer: Any, allow_mismatch: bool = False) -> None:
+    """Refuse a student tokenizer (a folder, hub id or tokenizer object) whose files hash differs from the store's."""
+    from transformers import AutoTokenizer
+
+    from kdstore.build import tokenizer_info  # the same hash the build recorded
+
+    tokenizer = student_tokenizer
+    if isinstance(student_tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(student_tokenizer)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        student = tokenizer_info(tokenizer, Path(scratch))
+    recorded = store.manifest.tokenizer
+    if recorded.get("files_sha256") == student["files_sha256"]:
+        return
+    name = str(student_tokenizer) if isinstance(student_tokenizer, (str, os.PathLike)) else student["name"]
+    message = (f"the store was made with tokenizer {recorded.get('name')!r} (files sha256 "
+               f"{str(recorded.get('files_sha256'))[:12]}), the student tokenizer {name!r} has {student['files_sha256'][:12]}")
+    if not allow_mismatch:
+        raise TokenizerMismatchError(message)
+    warnings.warn(f"{message}; going on because allow_tokenizer_mismatch=True", stacklevel=3)
+
+
+# -- samples ----------------------------------------------------------------
+class RowGroup:
+    """The rows of one row group (a Parquet row group read, or a mapped Arrow record batch) as samples.
+
+    Holds zero-copy numpy views of the list columns; ``sample`` slices them and decodes the top-K ids.
+    """
+
+    def __init__(self, codec: CodecConfig, batch: pa.RecordBatch | pa.Table, first_row: int) -> None:
+        self.codec, self.first_row, self.num_rows = codec, first_row, batch.num_rows
+        self.sequence_ids = batch.column("sequence_id") if "sequence_id" in batch.column_names else None
+        self.parts = {name: list_parts(batch.column(name)) for name in batch.column_names
+                      if pa.types.is_list(batch.schema.field(name).type)}
+
+    def sample(self, row: int) -> dict[str, Any]:
+        """Row ``row`` of the group: input_ids [T] int32, topk_ids [P, K] int32, the *_codes columns, index, ..."""
+        out: dict[str, Any] = {"index": self.first_row + row}
+        if self.sequence_ids is not None:
+            out["sequence_id"] = self.sequence_ids[row].as_py()
+        stored = {name: values[offsets[row]:offsets[row + 1]] for name, (values, offsets) in self.parts.items()}
+        codes = {name: stored.pop(name) for name in list(stored) if name.endswith("_codes")}  # left to the collator
+        if "topk_logprob_codes" in codes:
+            codes["topk_logprob_codes"] = codes["topk_logprob_codes"].reshape(-1, self.codec.k)
+        if "input_ids" in stored:
+            out["input_ids"] = stored.pop("input_ids")
+        out.update(codes)
+        out.update(decode_positions(self.codec, stored))  # topk_ids [P, K] int32; sampled ids and counts
+        return out
+
+
+# -- the Arrow IPC copy -----------------------------------------------------
+def store_fingerprint(manifest: Manifest) -> str:
+    """Changes whenever a shard or the column set changes: names the Arrow copy."""
+    text = json.dumps([manifest.columns, [(s.path, s.sha256) for s in manifest.shards]])
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def convert_to_arrow(store: str | os.PathLike[str] | Store | StoreSource,
+                     cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Write (once) the uncompressed Arrow IPC copy that MemoryMappedDataset maps; return its path.
+
+    One record batch per Parquet row group, stored columns as they are. Each shard's size and sha256
+    are checked against the manifest first. Written as ``<name>.tmp-<pid>`` then renamed, under a lock
+    so concurrent ranks convert once; copies of older manifests in the folder are removed.
+    """
+    source = store if isinstance(store, StoreSource) else load_store(store)
+    if source.fs is not None and cache_dir is None:
+        raise KdstoreError(f"{source.location} is remote; its Arrow copy needs a local cache_dir",
+                           hint="pass cache_dir=... (a local folder), or use StreamingDataset")
+    folder = Path(cache_dir) if cache_dir is not None else source.store.root / CACHE_DIR
+    path = folder / f"store-{store_fingerprint(source.store.manifest)}.arrow"
+    if path.is_file():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.is_file():
+            _write_arrow_copy(source, path)
+            for stale in folder.glob("store-*.arrow"):
+                if stale != path:
+                    stale.unlink(missing_ok=True)
+    return path
+
+
+def _write_arrow_copy(source: StoreSource, path: Path) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, source.store.schema) as writer:
+            for index, shard in enumerate(source.store.manifest.shards):
+                if source.fs is None:  # remote files are checked by their page checksums only
+                    check_shard_file(source.store, shard)
+                parquet = source.open_parquet(index)
+                for group in range(parquet.num_row_groups):
+                    writer.write_batch(_read_row_group(parquet, shard.path, group, None).combine_chunks().to_batches()[0])
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_row_group(parquet: pq.ParquetFile, shard_path: str, group: int, columns: list[str] | None) -> pa.Table:
+    try:
+        return parquet.read_row_group(group, columns=columns)
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardCorruptError(f"shard {shard_path} row group {group} cannot be read: {exc}") from None
+
+
+# -- the map-style dataset --------------------------------------------------
+class MemoryMappedDataset(Dataset):
+    """Random access by sequence index (store order) over the memory-mapped Arrow copy of a store.
+
+    ``dataset[i]`` is one sample (kdstore.collate describes the keys); ``len(dataset)`` the number of
+    sequences. Draw batches with ``EpochBatchSampler(dataset.group_sizes, plan)`` (``make_dataloader`` does).
+    ``store``: a local path, a Store, or an fsspec URL with a local ``cache_dir``.
+    """
+
+    def __init__(self, store: str | os.PathLike[str] | Store, *, columns: list[str] | None = None,
+                 cache_dir: str | os.PathLike[str] | None = None, student_tokenizer: Any = None,
+                 allow_tokenizer_mismatch: bool = False, release_bytes: int = DEFAULT_RELEASE_BYTES,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.source = load_store(store, storage_options)
+        self.store = self.source.store
+        if student_tokenizer is not None:
+            check_tokenizer(self.store, student_tokenizer, allow_tokenizer_mismatch)
+        self.columns = self.store.stored_columns(columns)
+        self.path = convert_to_arrow(self.source, cache_dir)
+        self.release_bytes = release_bytes
+        self._open()
+
+    def _open(self) -> None:
+        with open(self.path, "rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        reader = pa.ipc.open_file(pa.py_buffer(self._map))
+        batches = [reader.get_batch(i).select(self.columns) for i in range(reader.num_record_batches)]
+        self.group_sizes = [b.num_rows for b in batches]
+        self._group_starts = np.cumsum([0] + self.group_sizes)
+        if self._group_starts[-1] != self.store.manifest.num_sequences:
+            raise ShardCorruptError(f"the Arrow copy {self.path} holds {self._group_starts[-1]} sequences, the manifest "
+                                    f"{self.store.manifest.num_sequences}", hint=f"delete {self.path}; it is remade on next use")
+        self._groups = [RowGroup(self.store.codec, b, int(s)) for b, s in zip(batches, self._group_starts)]
+        self._group_pages = [_mapped_pages(b, pa.py_buffer(self._map).address) for b in batches]
+        self._touched: set[int] = set()
+        self._bytes_since_release = 0
+
+    def __getstate__(self) -> dict[str, Any]:  # spawned workers map the file themselves
+        return {k: v for k, v in self.__dict__.items() if k not in ("_map", "_groups")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._open()
+
+    def __len__(self) -> int:
+        return int(self._group_starts[-1])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"sequence index {index} is outside 0..{len(self) - 1}")
+        group = int(np.searchsorted(self._group_starts, index, side="right")) - 1
+        sample = self._groups[group].sample(index - int(self._group_starts[group]))
+        self._touched.add(group)
+        # a page fault maps up to 16 neighbouring pages (Linux fault-around): count them, not just the bytes read
+        self._bytes_since_release += sum(v.nbytes + FAULT_AROUND_BYTES for v in sample.values() if isinstance(v, np.ndarray))
+        if self._bytes_since_release >= self.release_bytes:
+            # drop the pages this process mapped in (the page cache keeps them): RSS stays flat over any store size
+            for touched in self._touched:
+                self._map.madvise(mmap.MADV_DONTNEED, *self._group_pages[touched])
+            self._touched.clear()
+            self._bytes_since_release = 0
+        return sample
+
+
+def _mapped_pages(batch: pa.RecordBatch, base_address: int) -> tuple[int, int]:
+    """(start, length) in the mapped file of the pages holding a record batch's buffers, start page-aligned."""
+    spans = [(b.address, b.address + b.size) for column in batch.columns for b in column.buffers() if b is not None]
+    start = (min(s for s, _ in spans) - base_address) // mmap.PAGESIZE * mmap.PAGESIZE
+    return start, max(e for _, e in spans) - base_address - start
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of sequence indices for one rank of a MemoryMappedDataset, following kdstore.shuffle's plan.
+
+    ``set_epoch(e)`` before each epoch reshuffles. Stateful: ``state_dict()`` / ``load_state_dict()``
+    (torchdata's StatefulDataLoader calls them) resume after the last batch handed out.
+    """
+
+    def __init__(self, group_sizes: list[int], plan: PlanConfig, rank: int | None = None,
+                 num_ranks: int | None = None) -> None:
+        self.group_sizes, self.plan = list(group_sizes), plan
+        self.rank, self.num_ranks = distributed_rank(rank, num_ranks)
+        self.epoch, self._resume_at, self._yielded = 0, 0, 0
+        self._num_batches = self._epoch_plan().num_batches  # validates eagerly
+
+    def _epoch_plan(self) -> EpochPlan:
+        return EpochPlan(self.group_sizes, self.plan, self.epoch, self.rank, self.num_ranks)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self._resume_at = self._resume_at, 0
+        self._yielded = start
+        return self._batches(self._epoch_plan(), start)
+
+    def _batches(self, plan: EpochPlan, start: int) -> Iterator[list[int]]:
+        for index in range(start, plan.num_batches):
+            self._yielded = index + 1
+            yield plan.batch_rows(index, index + 1)[0].tolist()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batches_yielded": self._yielded, **_plan_identity(self.plan, self.num_ranks)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        _check_identity(state, _plan_identity(self.plan, self.num_ranks))
+        if state["batches_yielded"] < self._num_batches:  # a finished epoch restores nothing: set_epoch decides the next
+            self.epoch, self._resume_at, self._yielded = state["epoch"], state["batches_yielded"], state["batches_yielded"]
+
+
+def _plan_identity(plan: PlanConfig, num_ranks: int, **more: int) -> dict[str, Any]:
+    return {"plan": [plan.batch_size, plan.shuffle, plan.seed, plan.drop_last, plan.shuffle_window, num_ranks],
+            **more}
+
+
+def _check_identity(state: dict[str, Any], expected: dict[str, Any]) -> None:
+    for key, value in expected.items():
+        if state.get(key) != value:
+            raise ResumeError(f"the saved loader state has {key}={state.get(key)}, this run {value}")
+
+
+# -- the iterable dataset ---------------------------------------------------
+class StreamingDataset(IterableDataset):
+    """Streams Parquet row groups (local or fsspec URL) and yields lists of ``batch_size`` samples for this rank.
+
+    Use with ``DataLoader(dataset, batch_size=None, collate_fn=Collator(...))`` (``make_dataloader`` does).
+    Every rank yields ``len(dataset)`` batches per epoch; DataLoader worker w of W reads the contiguous
+    block ``worker_batches(len, w, W)`` and holds only the row groups of its current shuffle window.
+    A row group that cannot be read raises ShardCorruptError naming shard and row group; with
+    ``skip_bad_row_groups=True`` it is skipped with a warning and its rows' places in a batch are
+    filled by repeating the batch's readable rows, so every rank still yields the same number of batches.
+    """
+
+    def __init__(self, store: str | os.PathLike[str] | Store, plan: PlanConfig, *, columns: list[str] | None = None,
+                 rank: int | None = None, num_ranks: int | None = None, student_tokenizer: Any = None,
+                 allow_tokenizer_mismatch: bool = False, skip_bad_row_groups: bool = False,
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.source = load_store(store, storage_options)
+        self.store, self.plan, self.skip_bad_row_groups = self.source.store, plan, skip_bad_row_groups
+        if student_tokenizer is not None:
+            check_tokenizer(self.store, student_tokenizer, allow_tokenizer_mismatch)
+        self.columns = self.store.stored_columns(columns)
+        self.rank, self.num_ranks = distributed_rank(rank, num_ranks)
+        self._groups = self._row_group_index()  # [(shard index, row group, first row)]
+        self.group_sizes = [int(n) for n in np.diff([g[2] for g in self._groups] + [self.store.manifest.num_sequences])]
+        self._num_batches = EpochPlan(self.group_sizes, plan, 0, self.rank, self.num_ranks).num_batches
+        self.epoch, self._resume_at, self._yielded = 0, 0, 0
+
+    def _row_group_index(self) -> list[tuple[int, int, int]]:
+        groups, first_row = [], 0
+        for index, shard in enumerate(self.store.manifest.shards):
+            metadata = self.source.open_parquet(index).metadata
+            sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+            if sum(sizes) != shard.num_rows:
+                raise ShardCorruptError(f"shard {shard.path} holds {sum(sizes)} rows, the manifest says {shard.num_rows}")
+            for group, size in enumerate(sizes):
+                groups.append((index, group, first_row))
+                first_row += size
+        return groups
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self._num_batches
+
+    def _worker(self) -> tuple[int, int]:
+        info = get_worker_info()
+        return (0, 1) if info is None else (info.id, info.num_workers)
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        start, self._resume_at = self._resume_at, 0
+        self._yielded = start
+        plan = EpochPlan(self.group_sizes, self.plan, self.epoch, self.rank, self.num_ranks)
+        return self._batches(plan, worker_batches(plan.num_batches, *self._worker()), start)
+
+    def _batches(self, plan: EpochPlan, block: range, start: int) -> Iterator[list[dict[str, Any]]]:
+        first_rows = np.array([g[2] for g in self._groups])
+        loaded: dict[int, RowGroup | None] = {}  # None: unreadable, skipped
+        files: dict[int, pq.ParquetFile] = {}  # open shards, so a footer is read once per window, not per row group
+        chunk = max(1, plan.window // self.plan.batch_size)  # about one shuffle window of batches at a time
+        # chunks are fixed relative to the block, so a resumed run fills skipped rows the same way
+        for chunk_start in range(block.start + start // chunk * chunk, block.stop, chunk):
+            rows = plan.batch_rows(chunk_start, min(chunk_start + chunk, block.stop))
+            groups = np.searchsorted(first_rows, rows, side="right") - 1
+            needed = set(np.unique(groups).tolist())
+            for group in set(loaded) - needed:
+                del loaded[group]
+            for group in sorted(needed - set(loaded)):
+                loaded[group] = self._load(group, files)
+            for shard in list(files)[:-8]:  # keep the 8 most recently opened shards
+                del files[shard]
+            readable = np.array([loaded[g] is not None for g in groups.reshape(-1)]).reshape(groups.shape)
+            spare = rows[readable]  # fills the places of skipped rows, in plan order
+            for offset, (batch_rows, batch_groups) in enumerate(zip(rows, groups)):
+                if chunk_start + offset < block.start + start:
+                    continue
+                if not readable[offset].all():
+                    batch_rows, batch_groups = _fill_skipped(batch_rows, readable[offset], spare, first_rows)
+                self._yielded += 1
+                yield [loaded[g].sample(r - loaded[g].first_row) for r, g in zip(batch_rows, batch_groups)]
+
+    def _load(self, group: int, files: dict[int, pq.ParquetFile]) -> RowGroup | None:
+        shard_index, row_group, first_row = self._groups[group]
+        shard_path = self.store.manifest.shards[shard_index].path
+        try:
+            if shard_index not in files:
+                files[shard_index] = self.source.open_parquet(shard_index)
+            table = _read_row_group(files[shard_index], shard_path, row_group, self.columns)
+        except (ShardCorruptError, ShardMissingError) as exc:
+            if not self.skip_bad_row_groups:
+                raise
+            warnings.warn(f"skipping shard {shard_path} row group {row_group}: {exc}", stacklevel=2)
+            return None
+        return RowGroup(self.store.codec, table, first_row)
+
+    def state_dict(self) -> dict[str, Any]:
+        worker, num_workers = self._worker()
+        return {"epoch": self.epoch, "batches_yielded": self._yielded,
+                **_plan_identity(self.plan, self.num_ranks, worker=worker, num_workers=num_workers)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        worker, num_workers = self._worker()
+        _check_identity(state, _plan_identity(self.plan, self.num_ranks, worker=worker, num_workers=num_workers))
+        # in the main process a finished epoch restores nothing (set_epoch decides the next); a worker whose
+        # block is done must stay done while the others finish (torchdata restarts finished loaders afresh)
+        if get_worker_info() is not None or state["batches_yielded"] < self._num_batches:
+            self.epoch, self._resume_at, self._yielded = state["epoch"], state["batches_yielded"], state["batches_yielded"]
+
+
+def _fill_skipped(rows: np.ndarray, readable: np.ndarray, spare: np.ndarray,
+                  first_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Replace a batch's unreadable rows by readable rows of the same shuffle window (cycling in plan order)."""
+    if spare.size == 0:
+        raise ShardCorruptError(f"every row of a shuffle window of {rows.size}+ rows lies in unreadable row groups",
+                                hint="restore the damaged shards (`kdstore verify STORE` lists them)")
+    filled = rows.copy()
+    filled[~readable] = spare[np.arange((~readable).sum()) % spare.size]
+    return filled, np.searchsorted(first_rows, filled, side="right") - 1
+
+
+# -- wiring -----------------------------------------------------------------
+def make_dataloader(dataset: MemoryMappedDataset | StreamingDataset, plan: PlanConfig | None = None, *,
+                    collator: Collator | None = None, num_workers: int = 0, rank: int | None = None,
+                    num_ranks: int | None = None, **loader_args: Any) -> Any:
+    """A torchdata StatefulDataLoader over either dataset, collating with ``collator`` (default: compact codes).
+
+    For a MemoryMappedDataset pass ``plan`` (and rank / num_ranks, else torch.distributed or RANK /
+    WORLD_SIZE); a StreamingDataset carries its own. ``loader_args`` go to the DataLoader (pin_memory, ...).
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    collator = collator or Collator(dataset.store.codec)
+    common = {"collate_fn": collator, "num_workers": num_workers, "persistent_workers": False, **loader_args}
+    if isinstance(dataset, StreamingDataset):
+        # workers get a fresh copy of the dataset (and so its epoch) at each iter()
+        batching = {"batch_size": None}
+    elif plan is None:
+        raise KdstoreError("a MemoryMappedDataset needs a PlanConfig", hint="pass plan=PlanConfig(batch_size=...)")
+    else:
+        batching = {"batch_sampler": EpochBatchSampler(dataset.group_sizes, plan, rank, num_ranks)}
+    with warnings.catch_warnings():  # torchdata 0.11 calls torch.set_vital, deprecated in torch 2.13: noise
+        warnings.filterwarnings("ignore", message="'set_vital' is deprecated")
+        return StatefulDataLoader(dataset, **batching, **common)
+
+
+def set_epoch(loader: Any, epoch: int) -> None:
+    """Reshuffle for ``epoch``: sets it on the loader's batch sampler and dataset, where they take one."""
+    for part in (getattr(loader, "batch_sampler", None), loader.dataset):
+        if hasattr(part, "set_epoch"):
+            part.set_epoch(epoch)
+
+
+__all__ = ["Collator", "EmptyStoreError", "EpochBatchSampler", "MemoryMappedDataset", "PlanConfig", "ResumeError",
+           "StreamingDataset", "TokenizerMismatchError", "convert_to_arrow", "interleave_workers", "make_dataloader",
+           "set_epoch"]
