@@ -162,6 +162,36 @@ def convert(store: str, target: str, cache_dir: str | None) -> None:
     click.echo(f"{target} copy: {path} ({path.stat().st_size:,} bytes)")
 
 
+@cli.command()
+@store_argument
+@click.option("--student", default=None, help="A transformers config.json (new student) or model folder.")
+@click.option("--out", default=None, help="Run folder: checkpoint.pt, student/. [default: kdstore-run]")
+@click.option("--loss", default=None, help="forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, taid or sampled_kl.")
+@click.option("--ce-weight", type=float, default=None, help="Weight of the next-token CE: (1-w) KD + w CE. [default: 0]")
+@click.option("--steps", type=int, default=None, help="Optimizer steps. [default: 1000]")
+@click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch per rank. [default: 8]")
+@click.option("--lr", type=float, default=None, help="Peak AdamW learning rate. [default: 1e-3]")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="train.toml; flags override it.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
+def train(store: str, config_file: str | None, resume: bool, **flags: Any) -> None:
+    """Distil a student causal LM from STORE: AdamW + cosine, validation, exact-resume checkpoints.
+
+    Every setting (warmup, grad_accum, val_every, the loss's temperature, beta, ...) can be given in
+    --config (top-level keys, the loss's under [loss]); the resolved config is saved in the checkpoint
+    and a resumed run must match it. Runs unchanged under torchrun (one process per rank).
+
+    \b
+    Example:
+      kdstore train my-store --student student.json --out run --loss forward_kl --steps 2000
+      kdstore train my-store --student student.json --out run --steps 2000 --resume
+      torchrun --nproc-per-node 2 -m kdstore.cli.main train my-store --config train.toml
+    """
+    from kdstore.train import resolved_config
+    from kdstore.train import train as run_train
+
+    run_train(resolved_config({**flags, "store": store}, config_file), resume=resume, log=click.echo)
+
+
 def main() -> None:
     cli(prog_name="kdstore")
 

@@ -1,0 +1,501 @@
+"""``kdstore train``: distil a student causal LM from a store, one readable recipe from top to bottom.
+
+    kdstore train my-store --student student.json --out run --loss forward_kl --steps 2000
+    kdstore train my-store --student student.json --out run --steps 2000 --resume     # after a crash
+    torchrun --nproc-per-node 4 -m kdstore.cli.main train my-store --student student.json --out run
+
+    from kdstore.train import TrainConfig, train
+    result = train(TrainConfig(store="my-store", student="student.json", out="run"))
+
+The recipe (``train`` below):
+
+1. Distributed set-up from torchrun's RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); device "auto".
+2. Data: the store through ``MemoryMappedDataset``. Validation sequences are those of ``val_store``
+   when given, else the ``val_fraction`` of STORE whose sequence id hashes below it (stable across
+   rebuilds, K and machines); training reads the rest. Each sequence is its own shuffle group, so the
+   batches depend on the training sequences, batch size, ranks and seed only, not on how the store was
+   cut into row groups: stores of different K give the same batches.
+3. Student: ``from_config`` for a config file (or a folder without weights), ``from_pretrained`` for a
+   model folder, initialised from ``seed``; its output dimension must equal the store's vocabulary.
+4. AdamW, linear warmup then cosine decay to ``min_lr_ratio`` of the peak.
+5. Steps of ``grad_accum`` micro-batches, ``kdstore.losses.distillation_loss`` (loss and CE mixing from
+   ``config.loss``), gradient clipping; a NaN or inf loss or gradient stops the run (naming the step and
+   the batch) before the optimizer touches the weights, so the last checkpoint stays the last good one.
+6. Every ``val_every`` steps the validation cross-entropy; every ``checkpoint_every`` steps (and at the
+   end) RUN_DIR/checkpoint.pt, written atomically: model, optimizer, scheduler, every rank's loader
+   state and RNG, TAID state, step, epoch and the resolved config. ``resume`` continues exactly
+   (bit for bit on CPU) and refuses a config that differs in anything but RESUME_MAY_CHANGE.
+7. At the end RUN_DIR/student/: the student (``save_pretrained``) with the store's tokenizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import random
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from kdstore.collate import IGNORE_INDEX, Collator, widen
+from kdstore.errors import KdstoreError
+from kdstore.loader import MemoryMappedDataset, make_dataloader, set_epoch
+from kdstore.losses import LossConfig, TaidState, distillation_loss
+from kdstore.shuffle import PlanConfig
+from kdstore.teacher import resolve_device
+
+CHECKPOINT_NAME = "checkpoint.pt"
+STUDENT_DIR = "student"
+RESUME_MAY_CHANGE = ("out", "device", "log_every")  # fields that do not change what is computed
+
+
+class TrainError(KdstoreError):
+    hint = "fix the input named above and rerun"
+
+
+class StudentMismatchError(TrainError):
+    hint = "give the student a vocab_size equal to the store's (the store was made with the teacher's tokenizer)"
+
+
+class ResumeMismatchError(TrainError):
+    hint = "resume with the checkpoint's settings (shown above), or start a new run with another --out"
+
+
+class NonFiniteLossError(TrainError):
+    hint = "lower --lr, raise warmup_steps or check the batch named above; resume from the last good checkpoint"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. TOML: these keys at the top level and LossConfig's under ``[loss]``."""
+
+    store: str
+    student: str  # a transformers config.json, or a folder (with weights: from_pretrained)
+    out: str = "kdstore-run"
+    loss: LossConfig = field(default_factory=LossConfig)
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
+    seed: int = 0
+    val_store: str = ""  # "": hold out val_fraction of STORE instead
+    val_fraction: float = 0.05
+    val_every: int = 100  # steps; 0 = only at the end
+    checkpoint_every: int = 100  # steps; 0 = only at the end
+    log_every: int = 10
+    num_workers: int = 0  # DataLoader workers per rank
+    device: str = "auto"
+
+    def flat(self) -> dict[str, Any]:
+        """Every field, the loss's as ``loss.<name>``: what a resumed run is compared on."""
+        values = asdict(self)
+        return {**{k: v for k, v in values.items() if k != "loss"}, **{f"loss.{k}": v for k, v in values["loss"].items()}}
+
+
+def resolved_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
+    """Defaults < TOML file < explicit overrides (flags; ``loss`` is the loss name, ``ce_weight`` its CE weight)."""
+    values: dict[str, Any] = _read_toml(config_file) if config_file else {}
+    loss = dict(values.pop("loss", {}))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    loss.update({k: given.pop(n) for n, k in (("loss", "name"), ("ce_weight", "ce_weight")) if n in given})
+    values.update(given)
+    known = {f.name for f in fields(TrainConfig)}
+    loss_known = {f.name for f in fields(LossConfig)}
+    unknown = sorted(set(values) - known) + sorted(f"loss.{k}" for k in set(loss) - loss_known)
+    if unknown:
+        raise TrainError(f"unknown training settings: {', '.join(unknown)}",
+                         hint=f"known: {', '.join(sorted(known))}; under [loss]: {', '.join(sorted(loss_known))}")
+    for name in ("store", "student"):
+        if not values.get(name):
+            raise TrainError(f"no {name} given", hint=f"pass --{name} or set {name} in the TOML file")
+    return TrainConfig(**values, loss=LossConfig(**loss))
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib  # type: ignore[no-redef]
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise TrainError(f"cannot read config {path}: {exc}") from None
+
+
+@dataclass
+class TrainResult:
+    out: str
+    step: int = 0
+    seconds: float = 0.0  # this invocation's wall time
+    tokens_per_second: float = 0.0  # over every rank, this invocation
+    val_loss: float = math.nan  # the last validation cross-entropy, nats/token
+    history: list[dict[str, float]] = field(default_factory=list)  # one entry per log / validation step
+
+
+# -- the recipe -------------------------------------------------------------
+def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
+    """Train (or, with ``resume``, continue) the run ``config`` describes; rank 0 logs through ``log``."""
+    started = time.perf_counter()
+    rank, world, device, owns_group = _init_distributed(config.device)
+    say = log if rank == 0 else (lambda _: None)
+    try:
+        # 2. data
+        dataset = MemoryMappedDataset(config.store)
+        train_rows, val_dataset, val_rows = split_sequences(dataset, config)
+        plan = PlanConfig(batch_size=config.batch_size, seed=config.seed)
+        collate = Collator(dataset.store.codec, sampled=config.loss.name == "sampled_kl")
+        loader = make_dataloader(Sequences(dataset, train_rows), plan, collator=collate, num_workers=config.num_workers)
+        # 3. student, 4. optimizer and schedule
+        student = load_student(config.student, dataset.store.codec.vocab_size, config.seed).to(device)
+        model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
+        optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=(0.9, 0.95),
+                                      weight_decay=config.weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
+        taid = TaidState(config.loss) if config.loss.name == "taid" else None
+        run = RunState()
+        if resume:
+            run = load_checkpoint(config, world, rank, student, optimizer, scheduler, loader, taid)
+            say(f"resumed {config.out} at step {run.step}")
+        elif Path(config.out, CHECKPOINT_NAME).exists():
+            raise TrainError(f"{config.out} already holds a checkpoint", hint="pass --resume, or pick a new --out")
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        say(f"training {config.student} ({sum(p.numel() for p in student.parameters()):,} parameters) on "
+            f"{len(train_rows)} sequences of {config.store}, validating on {len(val_rows)}; {world} rank(s), {device}")
+        # 5. steps
+        batches = batch_stream(loader, run.epoch)
+        meter = Meter()
+        while run.step < config.steps:
+            optimizer.zero_grad(set_to_none=True)
+            meter.step = []
+            for micro in range(config.grad_accum):
+                where = (run.epoch, run.batches_in_epoch)
+                batch = widen({k: v.to(device, non_blocking=True) for k, v in next(batches).items()}, collate.logprob_table)
+                run.advance_batch(len(loader))
+                sync = micro == config.grad_accum - 1 or world == 1
+                with contextlib.nullcontext() if sync else model.no_sync():  # all-reduce once per step
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    loss, metrics = distillation_loss(logits, batch, config.loss, state=taid)
+                    (loss / config.grad_accum).backward()
+                meter.add(loss.detach(), metrics, batch, *where)
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or math.inf)
+            if _any_rank(not (meter.finite() and math.isfinite(grad_norm.item())), device):
+                raise NonFiniteLossError(f"the loss or its gradient is not finite at step {run.step + 1} "
+                                         f"({meter.describe(rank, dataset)}); the weights were not updated; the last "
+                                         f"good checkpoint is {_last_checkpoint(config)}")
+            optimizer.step()
+            scheduler.step()
+            run.step += 1
+            if taid is not None:
+                taid.update(meter.step_kd())  # once per optimizer step (TaidState's contract)
+            # 6. report, validate, checkpoint
+            entry = meter.report(run.step, scheduler.get_last_lr()[0], device) if _due(run.step, config.log_every,
+                                                                                          config) else {}
+            if _due(run.step, config.val_every, config):
+                entry = {"step": run.step, **entry,
+                         "val_loss": validation_loss(model, val_dataset, val_rows, collate, config.batch_size, device)}
+            if entry:
+                run.history.append(entry)
+                say("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+            if _due(run.step, config.checkpoint_every, config):
+                save_checkpoint(config, run, student, optimizer, scheduler, loader, taid, rank)
+        # 7. the student, ready for from_pretrained
+        if rank == 0:
+            export_student(student, dataset.store.tokenizer_path, Path(config.out, STUDENT_DIR))
+        result = _result(config, run, meter, started, device)
+        say(f"done: step {result.step}, validation loss {result.val_loss:.4f} nats/token, "
+            f"{result.tokens_per_second:,.0f} tokens/s; student saved to {Path(config.out, STUDENT_DIR)}")
+        return result
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world size, device, whether this call created the process group) from torchrun's environment."""
+    device = resolve_device(device_name)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    created = world > 1 and not dist.is_initialized()
+    if created:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return rank, world, device, created
+
+
+def _due(step: int, every: int, config: TrainConfig) -> bool:
+    return step == config.steps or (every > 0 and step % every == 0)
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is True on any (so every rank stops together instead of hanging)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+# -- data -------------------------------------------------------------------
+class Sequences(Dataset):
+    """The sequences ``rows`` of a dataset, each its own shuffle group (random access makes row groups moot)."""
+
+    def __init__(self, dataset: MemoryMappedDataset, rows: np.ndarray) -> None:
+        self.dataset, self.rows, self.store = dataset, rows, dataset.store
+        self.group_sizes = [1] * len(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset[int(self.rows[index])]
+
+
+def held_out(sequence_id: str, fraction: float) -> bool:
+    """Whether a sequence is held out for validation: a hash of its id, so stable across rebuilds and K."""
+    return int.from_bytes(hashlib.sha256(sequence_id.encode()).digest()[:8], "little") < fraction * 2.0**64
+
+
+def split_sequences(dataset: MemoryMappedDataset,
+                    config: TrainConfig) -> tuple[np.ndarray, MemoryMappedDataset, np.ndarray]:
+    """(training rows of ``dataset``, the validation dataset, its validation rows)."""
+    if config.val_store:
+        val_dataset = MemoryMappedDataset(config.val_store)
+        if val_dataset.store.codec.vocab_size != dataset.store.codec.vocab_size:
+            raise TrainError(f"the validation store has vocabulary {val_dataset.store.codec.vocab_size}, the training "
+                             f"store {dataset.store.codec.vocab_size}", hint="use stores made with the same tokenizer")
+        return np.arange(len(dataset)), val_dataset, np.arange(len(val_dataset))
+    ids = [i for table in dataset.store.iter_tables(["sequence_id"]) for i in table.column("sequence_id").to_pylist()]
+    is_val = np.array([held_out(i, config.val_fraction) for i in ids], dtype=bool)
+    if is_val.all() or not is_val.any():
+        raise TrainError(f"val_fraction {config.val_fraction} leaves {int(is_val.sum())} of {len(ids)} sequences for "
+                         "validation", hint="pick a val_fraction that leaves sequences on both sides, or a val_store")
+    return np.flatnonzero(~is_val), dataset, np.flatnonzero(is_val)
+
+
+def batch_stream(loader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's batches from ``epoch`` on, epoch after epoch, reshuffled each time."""
+    while True:
+        set_epoch(loader, epoch)
+        yield from loader
+        epoch += 1
+
+
+# -- student and schedule ---------------------------------------------------
+def load_student(source: str, vocab_size: int, seed: int) -> torch.nn.Module:
+    """A causal LM from a config file / folder (``from_config``) or a model folder (``from_pretrained``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(source)
+    torch.manual_seed(seed)  # the same initial weights on every rank and in every run with this seed
+    try:
+        if path.is_dir() and any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+            student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        else:
+            student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    except (OSError, ValueError) as exc:
+        raise TrainError(f"cannot load student {source!r}: {str(exc).splitlines()[0]}",
+                         hint="pass a transformers config.json or a model folder") from None
+    num_logits = student.get_output_embeddings().weight.shape[0]
+    if num_logits != vocab_size:
+        raise StudentMismatchError(f"the store's vocabulary has {vocab_size} tokens but student {source} has "
+                                   f"{num_logits} output logits")
+    return student.train()
+
+
+def lr_multiplier(step: int, config: TrainConfig) -> float:
+    """Linear warmup over ``warmup_steps``, then cosine from 1 to ``min_lr_ratio`` at ``steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, dataset: MemoryMappedDataset, rows: np.ndarray, collate: Collator,
+                    batch_size: int, device: torch.device) -> float:
+    """Mean next-token cross-entropy (nats/token) over ``rows``, split across ranks."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of NLL, tokens]
+    model.eval()
+    mine = rows[rank::world]
+    for start in range(0, len(mine), batch_size):
+        batch = collate([dataset[int(r)] for r in mine[start:start + batch_size]])
+        ids, mask, labels = (batch[k].to(device, torch.int64) for k in ("input_ids", "attention_mask", "labels"))
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+        totals[1] += (labels != IGNORE_INDEX).sum()
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(totals)
+    return float(totals[0] / totals[1].clamp(min=1))
+
+
+# -- bookkeeping ------------------------------------------------------------
+@dataclass
+class RunState:
+    """Where the run is: saved in the checkpoint next to the weights."""
+
+    step: int = 0
+    epoch: int = 0  # the epoch of the next batch
+    batches_in_epoch: int = 0  # this rank's batches of ``epoch`` consumed
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def advance_batch(self, num_batches: int) -> None:
+        self.batches_in_epoch += 1
+        if self.batches_in_epoch == num_batches:  # the loader's state now says "epoch done": the next one starts
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
+
+
+class Meter:
+    """Metrics and tokens since the last report, and where this step's micro-batches came from."""
+
+    def __init__(self) -> None:
+        self.interval: list[dict[str, float]] = []  # every micro-batch's metrics since the last report
+        self.step: list[tuple[dict[str, float], tuple[int, int, list[int]]]] = []  # (metrics, (epoch, batch, rows))
+        self.tokens = self.total_tokens = 0
+        self.started = self.since = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, metrics: dict[str, float], batch: dict[str, torch.Tensor], epoch: int,
+            index: int) -> None:
+        record = {"loss": float(loss), **metrics}
+        self.interval.append(record)
+        self.step.append((record, (epoch, index, batch["sequence_index"].tolist())))
+        tokens = int(batch["attention_mask"].sum())
+        self.tokens, self.total_tokens = self.tokens + tokens, self.total_tokens + tokens
+
+    def finite(self) -> bool:
+        return all(math.isfinite(record["loss"]) for record, _ in self.step)
+
+    def step_kd(self) -> float:
+        return float(np.mean([record["kd"] for record, _ in self.step]))
+
+    def describe(self, rank: int, dataset: MemoryMappedDataset) -> str:
+        """The micro-batches of this step with a non-finite loss (else all of them): epoch, batch, rows and ids."""
+        bad = [where for record, where in self.step if not math.isfinite(record["loss"])] or [w for _, w in self.step]
+        return "; ".join(f"rank {rank} epoch {epoch} batch {index}: store rows {rows} "
+                         f"(sequence ids {', '.join(str(dataset[r].get('sequence_id', r)) for r in rows)})"
+                         for epoch, index, rows in bad)
+
+    def report(self, step: int, lr: float, device: torch.device) -> dict[str, Any]:
+        """Step, mean metrics and tokens/s (every rank's tokens) since the last report; starts a new interval."""
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)
+        if dist.is_initialized():
+            dist.all_reduce(tokens)
+        now = time.perf_counter()
+        means = {k: float(np.mean([r[k] for r in self.interval])) for k in self.interval[0]}
+        entry = {"step": step, **means, "lr": lr, "tokens_per_s": float(tokens[0]) / max(now - self.since, 1e-9)}
+        self.interval, self.tokens, self.since = [], 0, now
+        return entry
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(config: TrainConfig, run: RunState, student: torch.nn.Module, optimizer: Any, scheduler: Any,
+                    loader: Any, taid: TaidState | None, rank: int) -> None:
+    """RUN_DIR/checkpoint.pt, atomically (temporary name, fsync, rename). Every rank calls it; rank 0 writes."""
+    ranks = [{"loader": loader.state_dict(), "rng": _rng_state()}]
+    if dist.is_initialized():
+        mine, ranks = ranks[0], [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    if rank != 0:
+        return
+    state = {"config": config.flat(), "world_size": len(ranks), "step": run.step, "epoch": run.epoch,
+             "batches_in_epoch": run.batches_in_epoch, "history": run.history, "model": student.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+             "taid": taid.state_dict() if taid is not None else None, "ranks": ranks}
+    path = Path(config.out, CHECKPOINT_NAME)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as handle:
+            torch.save(state, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(config: TrainConfig, world: int, rank: int, student: torch.nn.Module, optimizer: Any,
+                    scheduler: Any, loader: Any, taid: TaidState | None) -> RunState:
+    """Restore everything ``save_checkpoint`` wrote; refuse a config that differs from the checkpoint's."""
+    path = Path(config.out, CHECKPOINT_NAME)
+    if not path.is_file():
+        raise TrainError(f"nothing to resume: {path} does not exist", hint="drop --resume to start the run")
+    saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
+    now = config.flat()
+    differ = [f"{k} = {saved['config'].get(k)!r} in the checkpoint, {now.get(k)!r} now"
+              for k in sorted(set(now) | set(saved["config"])) if k not in RESUME_MAY_CHANGE
+              and saved["config"].get(k) != now.get(k)]
+    if differ:
+        raise ResumeMismatchError(f"{path} was written with other settings: {'; '.join(differ)}")
+    if saved["world_size"] != world:
+        raise ResumeMismatchError(f"{path} was written by {saved['world_size']} rank(s), this run has {world}")
+    student.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if taid is not None:
+        taid.load_state_dict(saved["taid"])
+    loader.load_state_dict(saved["ranks"][rank]["loader"])
+    _set_rng_state(saved["ranks"][rank]["rng"])
+    return RunState(saved["step"], saved["epoch"], saved["batches_in_epoch"], saved["history"])
+
+
+def _last_checkpoint(config: TrainConfig) -> str:
+    path = Path(config.out, CHECKPOINT_NAME)
+    if not path.is_file():
+        return "none (no checkpoint was written yet)"
+    return f"{path} (step {torch.load(path, map_location='cpu', weights_only=False)['step']})"
+
+
+def export_student(student: torch.nn.Module, tokenizer_dir: Path | None, folder: Path) -> None:
+    """``save_pretrained`` plus the store's tokenizer into ``folder``, replacing it only once complete."""
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.save_pretrained(tmp)
+    for path in tokenizer_dir.iterdir() if tokenizer_dir else ():
+        shutil.copy2(path, tmp / path.name)
+    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _result(config: TrainConfig, run: RunState, meter: Meter, started: float, device: torch.device) -> TrainResult:
+    tokens = torch.tensor([float(meter.total_tokens)], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tokens)
+    val = [e["val_loss"] for e in run.history if "val_loss" in e]
+    return TrainResult(out=config.out, step=run.step, seconds=time.perf_counter() - started,
+                       tokens_per_second=float(tokens[0]) / max(time.perf_counter() - meter.started, 1e-9),
+                       val_loss=val[-1] if val else math.nan, history=run.history)
