@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -197,31 +198,66 @@ def test_full_disk_is_one_line_and_a_rerun_finishes(tmp_path, tiny_teacher, word
 
 
 def test_second_build_of_the_same_partition_is_refused_by_the_lock(tmp_path, tiny_teacher, word_corpus):
-    from kdstore.writer import _lock
+    import fcntl
 
     (tmp_path / "s" / "_locks").mkdir(parents=True)
-    with _lock(tmp_path / "s" / "_locks" / "part-00000.lock", blocking=False):
+    with open(tmp_path / "s" / "_locks" / "part-00000.lock", "a+") as held:  # what a running writer holds
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "4"))
     assert "being written by another process" in line
 
 
+def _holds_a_flock(pid: int) -> bool:
+    """Whether process ``pid`` holds a flock (the writer's partition lock): /proc/locks, without touching the lock."""
+    return any(line.split()[1] == "FLOCK" and line.split()[4] == str(pid)
+               for line in Path("/proc/locks").read_text().splitlines() if len(line.split()) > 4)
+
+
+def _start_and_wait_for_the_build_phase(command: list[str]) -> subprocess.Popen | None:
+    """Start a build; return it once it holds its partition lock (teacher loaded, writing), None if it ended first."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not _holds_a_flock(process.pid):
+        if process.poll() is not None:
+            return None
+        time.sleep(0.005)
+    return process
+
+
 def test_kill_9_at_20_random_points_then_rerun_gives_the_uninterrupted_store(tmp_path, tiny_teacher):
-    corpus = write_word_corpus(tmp_path / "corpus", num_files=4, docs_per_file=8)
+    corpus = write_word_corpus(tmp_path / "corpus", num_files=6, docs_per_file=12)
     config = tmp_path / "build.toml"
     config.write_text(f'teacher = "{tiny_teacher}"\nk = 8\nseq_len = 16\nunit_documents = 2\n'
                       f'shard_bytes = 6000\nprogress = false\ndevice = "cpu"\n')
-    command = [sys.executable, "-m", "kdstore.cli.main", "build", str(corpus), "--config", str(config)]
-    assert subprocess.run([*command, "--out", str(tmp_path / "whole")], capture_output=True).returncode == 0
+    command = [sys.executable, "-m", "kdstore.cli.main", "build", str(corpus), "--config", str(config), "--out"]
+    whole_run = _start_and_wait_for_the_build_phase([*command, str(tmp_path / "whole")])
+    started = time.perf_counter()
+    assert whole_run is not None and whole_run.wait() == 0
+    build_seconds = time.perf_counter() - started  # lock held to exit: the window the kills fall in
+    whole = json.loads((tmp_path / "whole" / "manifest.json").read_text())
+    whole.pop("created_at")
+
+    def assert_same_as_whole(path: Path) -> None:
+        finished = json.loads((path / "manifest.json").read_text())
+        finished.pop("created_at")
+        assert finished == whole  # same shards, same sha256: byte-identical content
+        assert open_store(path).verify() == []
+
     rng = random.Random(7)
     target = tmp_path / "killed"
-    for _ in range(20):
-        process = subprocess.Popen([*command, "--out", str(target)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(3.0, 7.5))  # ~4-5 s of imports and loading, then ~2 s of build
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        if (target / "manifest.json").exists():
-            assert open_store(target).verify() == []
-    assert subprocess.run([*command, "--out", str(target)], capture_output=True).returncode == 0
-    whole, killed = (json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "whole", target))
-    whole.pop("created_at"), killed.pop("created_at")
-    assert whole == killed  # same shards, same sha256: byte-identical content
+    kills_while_writing = 0
+    for _ in range(60):  # attempts; a resumed run with little left may finish before its kill
+        process = _start_and_wait_for_the_build_phase([*command, str(target)])
+        if process is not None:
+            time.sleep(rng.uniform(0.0, build_seconds))
+            if process.poll() is None:
+                process.send_signal(signal.SIGKILL)
+                kills_while_writing += 1
+            process.wait()
+        if (target / "manifest.json").exists():  # this chain of kills ended in a finished store: check, start another
+            assert_same_as_whole(target)
+            shutil.rmtree(target)
+        if kills_while_writing >= 20:
+            break
+    assert kills_while_writing >= 20
+    assert subprocess.run([*command, str(target)], capture_output=True).returncode == 0
+    assert_same_as_whole(target)
