@@ -16,6 +16,7 @@ compression and memory stays flat.
 from __future__ import annotations
 
 import hashlib
+import os
 import queue
 import tempfile
 import threading
@@ -317,6 +318,20 @@ def finalize_store(out: str) -> str:
     return f"store {out}: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, {len(manifest.shards)} shards"
 
 
+def _launcher_partition(values: dict[str, Any]) -> dict[str, int]:
+    """Under torchrun (or any launcher setting WORLD_SIZE and RANK), each rank builds partition RANK of WORLD_SIZE.
+
+    Only when neither the flags nor the config file name a partition: explicit settings win.
+    """
+    if "partition" in values or "num_partitions" in values or "WORLD_SIZE" not in os.environ:
+        return {}
+    try:
+        return {"num_partitions": int(os.environ["WORLD_SIZE"]), "partition": int(os.environ.get("RANK", "0"))}
+    except ValueError:
+        raise BuildError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} / RANK={os.environ.get('RANK')!r} are not integers",
+                         hint="unset them, or pass --num-partitions and --partition") from None
+
+
 def resolved_config(overrides: dict[str, Any], config_file: str | None) -> BuildConfig:
     """Defaults < TOML file < explicit overrides (flags)."""
     values: dict[str, Any] = {}
@@ -334,6 +349,7 @@ def resolved_config(overrides: dict[str, Any], config_file: str | None) -> Build
             raise BuildError(f"{config_file} has unknown keys: {', '.join(sorted(unknown))}",
                              hint=f"known keys: {', '.join(sorted(BuildConfig.field_names()))}")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update(_launcher_partition(values))
     if "corpus" in values:
         values["corpus"] = tuple(values["corpus"]) if not isinstance(values["corpus"], str) else (values["corpus"],)
     return BuildConfig(**values)

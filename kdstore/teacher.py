@@ -16,6 +16,7 @@ Math (fp32 throughout, whatever the teacher's dtype):
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,8 +62,9 @@ class Teacher:
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "auto":  # under torchrun, rank r of a node takes GPU LOCAL_RANK
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() and local_rank.isdigit() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TeacherError(f"--device {name} asked for CUDA, but torch sees no GPU", hint="use --device cpu or auto")
     return torch.device(name)

@@ -83,6 +83,29 @@ def test_partitioned_build_holds_the_same_sequences_as_a_single_one(tmp_path, ti
     assert "store" in CliRunner().invoke(cli, ["build", "--finalize", "--out", str(tmp_path / "three")]).output
 
 
+def test_torchrun_ranks_build_the_partitions_of_one_store(tmp_path, tiny_teacher):
+    corpus = write_word_corpus(tmp_path / "corpus", num_files=4, docs_per_file=6)
+    common = ["--teacher", str(tiny_teacher), "-k", "4", "--seq-len", "16", "--device", "cpu"]
+    assert run(corpus, "--out", tmp_path / "one", *common).exit_code == 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    done = subprocess.run([*torchrun, "-m", "kdstore.cli.main", "build", str(corpus), "--out", str(tmp_path / "ranks"),
+                           *common], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "ranks" / "_partitions").iterdir()) == ["part-00000.json", "part-00001.json"]
+    assert store_rows(tmp_path / "one") == store_rows(tmp_path / "ranks")
+    assert open_store(tmp_path / "ranks").verify() == []
+
+
+def test_explicit_partition_flags_win_over_the_launcher_environment(monkeypatch):
+    from kdstore.build import resolved_config
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    assert (resolved_config({}, None).num_partitions, resolved_config({}, None).partition) == (4, 3)
+    explicit = resolved_config({"num_partitions": 2, "partition": 0}, None)
+    assert (explicit.num_partitions, explicit.partition) == (2, 0)
+
+
 def test_build_config_file_is_read_and_flags_override_it(tmp_path, tiny_teacher, word_corpus):
     config = tmp_path / "build.toml"
     config.write_text(f'teacher = "{tiny_teacher}"\nk = 5\nseq_len = 20\nsampled_draws = 16\nsampled_mode = "tail"\n')
