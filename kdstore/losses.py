@@ -1,0 +1,447 @@
+"""Distillation losses against the stored sparse teacher, without ever building a dense [B, T, V] teacher.
+
+    config = LossConfig(name="forward_kl", temperature=2.0, ce_weight=0.1)
+    batch = widen({k: v.to(device) for k, v in batch.items()}, collate.logprob_table)  # teacher at tau = 1
+    loss, metrics = distillation_loss(model(input_ids=..., attention_mask=...).logits, batch, config)
+
+Buckets. At each position the store knows the teacher's K most likely tokens and the rest only as one
+mass, exp(tail_logmass). Every divergence here compares teacher p and student q over the same K + 1
+buckets: the K stored ids, and a "ghost" tail bucket holding the teacher's tail mass and the student's
+mass on the other V - K ids, log sum_{j not in top-K} q_j (a logsumexp with the top-K masked out: exact,
+where log(1 - sum q_topk) cancels to -inf once the head holds all but 1e-7 of the mass). By the
+data-processing inequality each bucket divergence is a lower bound of its full-vocabulary value, equal
+to it when K = V; then the tail bucket is dropped (a stored tail at K = V is rounding noise). For the
+student's gradient this means: on a top-K id it is the full-vocabulary gradient; over the tail ids the
+teacher's tail mass is spread in proportion to the student's own tail probabilities.
+
+Temperature tau: the student is log_softmax(z / tau); the teacher buckets are re-tempered with
+kdstore.collate.retemper's formula (log_softmax of bucket log-probs / tau, which also renormalises
+quantised values), so the batch must hold the teacher at tau = 1: do not re-temper in the Collator or
+widen as well. The KD term is scaled by tau**2 so its gradient does not shrink as 1 / tau**2 (Hinton et
+al. 2015); the CE term uses the student at tau = 1.
+
+Memory: positions run in chunks of ``chunk_positions``; each chunk's gradient is computed right away into one
+buffer shaped like the logits (what backward would allocate anyway), so the extra memory is that buffer plus a
+few [chunk, V] fp32 tensors, whatever B * T. The loss is differentiable once (no double backward).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from kdstore.collate import IGNORE_INDEX
+from kdstore.errors import KdstoreError
+
+LOSS_NAMES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "taid", "sampled_kl")
+SAMPLED_MODES = ("full", "tail")
+# Teacher log-probs are clamped here: exp(-100) ~ 4e-44 is below anything a loss can see, and keeps
+# -inf (a tail stored as exactly 0 mass) out of reverse-direction logs.
+LOGPROB_FLOOR = -100.0
+_TEACHER_KEYS = ("topk_ids", "topk_logprobs", "tail_logmass", "labels", "sampled_ids", "sampled_counts")
+
+
+class LossConfigError(KdstoreError):
+    hint = f"valid loss names: {', '.join(LOSS_NAMES)}; see kdstore.losses.LossConfig for each field's range"
+
+
+class LossInputError(KdstoreError):
+    hint = "pass student logits [B, T, V] and a batch from kdstore.collate.widen (int64 ids, float32 log-probs)"
+
+
+class VocabMismatchError(LossInputError):
+    hint = "the student's logits must cover every teacher id: use a student with the store's tokenizer"
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Which loss and its knobs. Ranges are checked on construction (``LossConfigError``)."""
+
+    name: str = "forward_kl"  # one of LOSS_NAMES
+    temperature: float = 1.0  # > 0; student logits / tau, teacher re-tempered over the buckets
+    ce_weight: float = 0.0  # total = (1 - ce_weight) * tau**2 * kd + ce_weight * CE(student, labels)
+    beta: float = 0.5  # jsd: m = beta p + (1 - beta) q; 0 < beta < 1 (0 and 1 make the loss vanish)
+    alpha: float = 0.1  # skew_kl / skew_reverse_kl: share of the first argument in the mixture (DistiLLM: 0.1)
+    taid_start: float = 0.0  # TAID's t at step 0 (the paper's runs use 0.4)
+    taid_end: float = 1.0  # t never exceeds this
+    taid_momentum: float = 0.99  # beta of the paper's Algorithm 1: smoothing of the relative loss change
+    taid_step_size: float = 5e-4  # alpha of Algorithm 1: t grows by at most this times (1 - t) per update
+    taid_total_steps: int = 0  # > 0: t also never falls behind the linear ramp start -> end over these updates
+    sampled_mode: str = "full"  # sampled_kl: the store's codec.sampled.mode ("full" or "tail")
+    chunk_positions: int = 1024  # positions per chunk: ~5 fp32 [chunk, V] temporaries (V=128k: ~2.5 GB)
+
+    def __post_init__(self) -> None:
+        problems = [
+            (self.name not in LOSS_NAMES, f"unknown loss {self.name!r}"),
+            (not self.temperature > 0, f"temperature must be positive, got {self.temperature}"),
+            (not 0 <= self.ce_weight <= 1, f"ce_weight must be in [0, 1], got {self.ce_weight}"),
+            (not 0 < self.beta < 1, f"beta must be in (0, 1), got {self.beta}; use forward_kl or reverse_kl for the ends"),
+            (not 0 <= self.alpha < 1, f"alpha must be in [0, 1), got {self.alpha}"),
+            (not 0 <= self.taid_start <= self.taid_end <= 1,
+             f"need 0 <= taid_start <= taid_end <= 1, got {self.taid_start} and {self.taid_end}"),
+            (not 0 <= self.taid_momentum < 1, f"taid_momentum must be in [0, 1), got {self.taid_momentum}"),
+            (not self.taid_step_size >= 0 or self.taid_total_steps < 0, "taid_step_size and taid_total_steps must be >= 0"),
+            (self.sampled_mode not in SAMPLED_MODES, f"sampled_mode must be 'full' or 'tail', got {self.sampled_mode!r}"),
+            (self.chunk_positions < 1, f"chunk_positions must be positive, got {self.chunk_positions}"),
+            (self.name == "sampled_kl" and self.temperature != 1.0,
+             "sampled_kl needs temperature 1: the store's draws were made from the teacher at temperature 1"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise LossConfigError(message)
+
+
+@dataclass
+class TaidState:
+    """TAID's interpolation weight t and its adaptive schedule (Shing et al. 2025, Algorithm 1).
+
+    After each optimizer step call ``update(kd)`` with that step's KD loss (``metrics["kd"]``, once per
+    step, not per micro-batch). The relative loss change drives a momentum m; t then grows by
+    ``taid_step_size * sigmoid(m) * (1 - t)``, capped at ``taid_end`` and, with ``taid_total_steps``,
+    never below the linear ramp. Save ``state_dict()`` with the checkpoint to resume exactly.
+    """
+
+    config: LossConfig
+    t: float = field(init=False)
+    momentum: float = 0.0
+    previous_loss: float | None = None
+    num_updates: int = 0
+
+    def __post_init__(self) -> None:
+        self.t = self.config.taid_start
+
+    def update(self, loss: float) -> float:
+        """Advance the schedule with one step's KD loss; returns the new t."""
+        config, loss = self.config, float(loss)
+        self.num_updates += 1
+        if self.previous_loss is None:  # Algorithm 1: the first step only records the loss
+            self.previous_loss = loss
+            return self.t
+        change = (self.previous_loss - loss) / (self.previous_loss + 1e-15)
+        self.momentum = config.taid_momentum * self.momentum + (1 - config.taid_momentum) * change
+        step = config.taid_step_size / (1 + math.exp(-self.momentum)) * (1 - self.t)
+        ramp = config.taid_start
+        if config.taid_total_steps:
+            ramp += (config.taid_end - config.taid_start) * min(1.0, self.num_updates / config.taid_total_steps)
+        self.t = min(config.taid_end, max(ramp, self.t + step))
+        self.previous_loss = loss
+        return self.t
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "momentum": self.momentum, "previous_loss": self.previous_loss, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.t, self.momentum = float(state["t"]), float(state["momentum"])
+        self.previous_loss = None if state["previous_loss"] is None else float(state["previous_loss"])
+        self.num_updates = int(state["num_updates"])
+
+
+# ---- buckets and bucket divergences: log-probs [..., M] over the same M = K (+ 1 tail) buckets ----
+
+def student_buckets(student_logprobs: torch.Tensor, topk_ids: torch.Tensor, with_tail: bool) -> torch.Tensor:
+    """Student log q [..., V], teacher ids [..., K] int64 -> bucket log-probs [..., K + 1] (tail last) or [..., K]."""
+    head = student_logprobs.gather(-1, topk_ids)
+    if not with_tail:
+        return head
+    tail = student_logprobs.scatter(-1, topk_ids, -math.inf).logsumexp(-1, keepdim=True)
+    return torch.cat([head, tail], -1)
+
+
+def teacher_buckets(topk_logprobs: torch.Tensor, tail_logmass: torch.Tensor | None, temperature: float,
+                    with_tail: bool) -> torch.Tensor:
+    """Stored log p [..., K] and tail [...] at tau = 1 -> re-tempered, renormalised bucket log-probs [..., K (+ 1)].
+
+    With no tail column the tail is inferred as log(1 - sum p_topk), the stored values being log-probs over the full
+    vocabulary. Log-probs are clamped at LOGPROB_FLOOR before the (kdstore.collate.retemper) re-tempering.
+    """
+    if with_tail:
+        if tail_logmass is None:
+            head_mass = topk_logprobs.logsumexp(-1).clamp(max=0.0)
+            tail_logmass = torch.log(-torch.expm1(head_mass))
+        topk_logprobs = torch.cat([topk_logprobs, tail_logmass.unsqueeze(-1)], -1)
+    return torch.log_softmax(topk_logprobs.clamp(min=LOGPROB_FLOOR) / temperature, -1)
+
+
+def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) = sum p (log p - log q) over the last dim: [..., M] twice -> [...]."""
+    return (log_p.exp() * (log_p - log_q)).sum(-1)
+
+
+def log_mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch.Tensor:
+    """log(w a + (1 - w) b) for log-probs [..., M]; 0 <= w < 1."""
+    if weight_a == 0:
+        return log_b
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def forward_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(p || q): mode-covering; the standard KD loss. Bucket log-probs [..., M] -> [...]."""
+    return kl(teacher, student)
+
+
+def reverse_kl(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(q || p): mode-seeking. In bucket form the student's tail mass meets the teacher's tail mass as one bucket
+    (no spreading over tail ids is imputed), a lower bound of the full-vocabulary value."""
+    return kl(student, teacher)
+
+
+def jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float) -> torch.Tensor:
+    """Generalised JSD (GKD, Agarwal et al. 2024): beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q."""
+    mixture = log_mixture(teacher, student, beta)
+    return beta * kl(teacher, mixture) + (1 - beta) * kl(student, mixture)
+
+
+def skew_kl(student: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Skew KL (DistiLLM, Ko et al. 2024): KL(p || alpha p + (1 - alpha) q); alpha = 0 is forward KL."""
+    return kl(teacher, log_mixture(teacher, student, alpha))
+
+
+def skew_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Skew reverse KL (DistiLLM): KL(q || alpha q + (1 - alpha) p); alpha = 0 is reverse KL."""
+    return kl(student, log_mixture(student, teacher, alpha))
+
+
+def taid_kl(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """TAID: KL(p_t || q), p_t = softmax((1 - t) stopgrad(log q) + t log p) over the buckets.
+
+    Log-probs stand in for logits (softmax ignores a per-position constant); the tail bucket is interpolated as one
+    token, exact only when K = V. t = 1 is forward KL; t = 0 gives 0.
+    """
+    target = torch.log_softmax((1 - t) * student.detach() + t * teacher, -1)
+    return kl(target, student)
+
+
+def sampled_cross_entropy(student_logprobs: torch.Tensor, sampled_ids: torch.Tensor, sampled_counts: torch.Tensor,
+                          head: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Unbiased estimate of the cross-entropy -sum_i p_i log q_i from draws (Anshumann et al. 2025).
+
+    student_logprobs [..., V] at tau = 1; sampled_ids / sampled_counts [..., S] (count 0 = padding) -> [...].
+    Mode "full" (head None): N draws from p, estimate -sum (c_i / N) log q_i; E[c_i / N] = p_i.
+    Mode "tail": head = (teacher log p [..., K], student log q [..., K] on the top-K ids, teacher tail log-mass
+    [...]); the draws came from p restricted to ids outside the top-K, so E[p_tail c_j / N] = p_j and the estimate
+    is the exact head -sum_k p_k log q_k plus -p_tail sum_j (c_j / N) log q_j (so do not truncate such a batch
+    with Collator(top_k=...): the entries it drops were never drawn). Either way the student gradient is unbiased
+    for KL's.
+    """
+    counts = sampled_counts.to(student_logprobs.dtype)
+    num_draws = counts.sum(-1).clamp(min=1.0)
+    estimate = -(counts * student_logprobs.gather(-1, sampled_ids)).sum(-1) / num_draws
+    if head is None:
+        return estimate
+    teacher_head, student_head, teacher_tail = head
+    return -(teacher_head.exp() * student_head).sum(-1) + teacher_tail.exp() * estimate
+
+
+# ---- per-position losses on one chunk, and the chunked driver ----
+
+def position_losses(student_logits: torch.Tensor, teacher: dict[str, torch.Tensor], config: LossConfig,
+                    taid_t: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk: student logits [N, V] (any float dtype) and the batch's per-position tensors flattened to [N, ...]
+    -> (kd [N], ce [N]) in fp32 (float64 stays float64). Unmasked positions only are meaningful."""
+    logits = student_logits.to(torch.promote_types(student_logits.dtype, torch.float32))
+    labels = teacher["labels"].clamp(min=0).unsqueeze(-1)
+    ce = logits.logsumexp(-1) - logits.gather(-1, labels).squeeze(-1)
+    num_tail_ids = logits.shape[-1] - teacher["topk_ids"].shape[-1]
+    if config.name == "sampled_kl":
+        logprobs = torch.log_softmax(logits, -1)
+        head = None
+        if config.sampled_mode == "tail":
+            buckets = _teacher(teacher, logits.dtype, 1.0, num_tail_ids > 0)
+            num_kept = teacher["topk_ids"].shape[-1]
+            tail = buckets[..., num_kept] if num_tail_ids > 0 else torch.full_like(buckets[..., 0], -math.inf)
+            head = (buckets[..., :num_kept], logprobs.gather(-1, teacher["topk_ids"]), tail)
+        return sampled_cross_entropy(logprobs, teacher["sampled_ids"], teacher["sampled_counts"], head), ce
+    logprobs = torch.log_softmax(logits / config.temperature, -1)
+    student = student_buckets(logprobs, teacher["topk_ids"], num_tail_ids > 0)
+    target = _teacher(teacher, logits.dtype, config.temperature, num_tail_ids > 0)
+    divergences: dict[str, Callable[[], torch.Tensor]] = {
+        "forward_kl": lambda: forward_kl(student, target),
+        "reverse_kl": lambda: reverse_kl(student, target),
+        "jsd": lambda: jsd(student, target, config.beta),
+        "skew_kl": lambda: skew_kl(student, target, config.alpha),
+        "skew_reverse_kl": lambda: skew_reverse_kl(student, target, config.alpha),
+        "taid": lambda: taid_kl(student, target, taid_t),
+    }
+    return divergences[config.name](), ce
+
+
+def _teacher(teacher: dict[str, torch.Tensor], dtype: torch.dtype, temperature: float, with_tail: bool) -> torch.Tensor:
+    tail = teacher.get("tail_logmass")
+    return teacher_buckets(teacher["topk_logprobs"].to(dtype), None if tail is None else tail.to(dtype),
+                           temperature, with_tail)
+
+
+def _weighted_sums(student_logits: torch.Tensor, teacher: dict[str, torch.Tensor], config: LossConfig,
+                   taid_t: float, total_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk -> (its share of the loss, sum of weight * kd, sum of weight * ce). Teacher values at weight-0
+    positions are replaced by harmless ones first, so padding holding NaN, -inf or stray ids cannot leak into the
+    loss or its gradient."""
+    weights = teacher["weights"]
+    keep = weights > 0
+    clean = dict(teacher)
+    for name, harmless in (("topk_ids", 0), ("topk_logprobs", 0.0), ("tail_logmass", 0.0), ("sampled_ids", 0),
+                           ("sampled_counts", 0)):
+        if name in clean:
+            shape = keep.shape + (1,) * (clean[name].dim() - 1)
+            clean[name] = torch.where(keep.view(shape), clean[name], torch.full_like(clean[name], harmless))
+    kd, ce = position_losses(student_logits, clean, config, taid_t)
+    kd_sum, ce_sum = torch.where(keep, kd * weights, 0.0).sum(), torch.where(keep, ce * weights, 0.0).sum()
+    share = ((1 - config.ce_weight) * config.temperature ** 2 * kd_sum + config.ce_weight * ce_sum) / total_weight
+    return share, kd_sum, ce_sum
+
+
+class _ChunkedLoss(torch.autograd.Function):
+    """Runs a per-chunk loss over chunks of positions and, when a gradient is wanted, back-propagates each chunk
+    at once into one gradient buffer shaped like the logits. So only one chunk's fp32 intermediates live at a time,
+    with no recomputation and no per-chunk full-size gradient (slicing a graph input would cost O(chunks * N * V)).
+    First-order only: the saved gradient is not itself differentiable."""
+
+    @staticmethod
+    def forward(ctx: Any, flat_logits: torch.Tensor, per_position: dict[str, torch.Tensor], chunk_positions: int,
+                function: Callable[..., tuple[torch.Tensor, ...]], args: tuple[Any, ...],
+                wants_gradient: bool) -> tuple[torch.Tensor, ...]:
+        gradient = torch.empty_like(flat_logits) if wants_gradient else None
+        totals: list[torch.Tensor] | None = None
+        for start in range(0, flat_logits.shape[0], chunk_positions):
+            part = slice(start, start + chunk_positions)
+            chunk = flat_logits[part].detach().requires_grad_(wants_gradient)
+            with torch.set_grad_enabled(wants_gradient):
+                sums = function(chunk, {k: v[part] for k, v in per_position.items()}, *args)
+                if gradient is not None:
+                    gradient[part] = torch.autograd.grad(sums[0], chunk)[0]
+            sums = [t.detach() for t in sums]
+            totals = sums if totals is None else [t + s for t, s in zip(totals, sums)]
+        if totals is None:  # no positions at all
+            dtype = torch.promote_types(flat_logits.dtype, torch.float32)
+            totals = [flat_logits.new_zeros((), dtype=dtype) for _ in range(3)]
+        ctx.save_for_backward(gradient if gradient is not None else flat_logits.new_empty(0))
+        ctx.mark_non_differentiable(*totals[1:])
+        return tuple(totals)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *unused: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (gradient,) = ctx.saved_tensors
+        if not bool(grad_loss == 1):  # the usual loss.backward(): hand the buffer over without a copy
+            gradient = gradient * grad_loss.to(gradient.dtype)
+        return gradient, None, None, None, None, None
+
+
+def _chunked_sums(function: Callable[..., tuple[torch.Tensor, ...]], flat_logits: torch.Tensor,
+                  per_position: dict[str, torch.Tensor], chunk_positions: int, *args: Any) -> tuple[torch.Tensor, ...]:
+    """Totals of ``function(logits[chunk], {k: v[chunk]}, *args)`` over chunks; the first total carries the gradient."""
+    wants_gradient = torch.is_grad_enabled() and flat_logits.requires_grad
+    return _ChunkedLoss.apply(flat_logits, per_position, chunk_positions, function, args, wants_gradient)
+
+
+def distillation_loss(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], config: LossConfig, *,
+                      token_weights: torch.Tensor | None = None,
+                      state: TaidState | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scalar loss and float metrics for one batch.
+
+    student_logits [B, T, V], any float dtype, aligned with ``batch["labels"]`` [B, T] (-100 = ignored).
+    batch: a widened batch at tau = 1 (module docstring): topk_ids [B, T, K] int64, topk_logprobs [B, T, K] float32,
+    tail_logmass [B, T] (optional), and for sampled_kl sampled_ids / sampled_counts [B, T, S].
+    token_weights [B, T] (optional, >= 0): per-position weights, e.g. ``select_tokens_by_gap``.
+    state: a ``TaidState`` for name "taid" (read here, advanced by the caller with ``state.update``).
+
+    loss = (1 - ce_weight) * tau**2 * kd + ce_weight * ce, each the weighted mean over unmasked positions
+    (sum w l / sum w); 0.0, with finite zero gradients, when no position counts. sampled_kl's kd is the estimated
+    cross-entropy (KL plus the teacher's entropy, a constant for the student). Metrics: "kd", "ce" (and "taid_t").
+    """
+    _check_inputs(student_logits, batch, config, token_weights)
+    if config.name == "taid" and state is None:
+        raise LossConfigError("the taid loss needs its schedule state",
+                              hint="pass state=TaidState(config) and call state.update(metrics['kd']) after each step")
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    weights = (batch["labels"] != IGNORE_INDEX).to(compute_dtype)
+    if token_weights is not None:
+        weights = weights * token_weights.to(compute_dtype)
+    vocab_size = student_logits.shape[-1]
+    per_position = {k: batch[k].flatten(0, 1) for k in _TEACHER_KEYS if k in batch}
+    per_position["weights"] = weights.flatten()
+    taid_t = state.t if state is not None else 1.0
+    total = weights.sum()
+    total = torch.where(total > 0, total, torch.ones_like(total))  # nothing counts: sums are 0, and so is the loss
+    loss, kd_sum, ce_sum = _chunked_sums(_weighted_sums, student_logits.reshape(-1, vocab_size), per_position,
+                                         config.chunk_positions, config, taid_t, total)
+    kd_value, ce_value = (torch.stack([kd_sum, ce_sum]) / total).tolist()
+    metrics = {"kd": kd_value, "ce": ce_value}
+    if config.name == "taid":
+        metrics["taid_t"] = taid_t
+    return loss, metrics
+
+
+def _check_inputs(student_logits: torch.Tensor, batch: dict[str, torch.Tensor], config: LossConfig,
+                  token_weights: torch.Tensor | None) -> None:
+    needed = ["labels", "topk_ids", "topk_logprobs"]
+    if config.name == "sampled_kl":
+        needed += ["sampled_ids", "sampled_counts"]
+    missing = [k for k in needed if k not in batch]
+    if missing:
+        hint = "build the Collator with sampled=True" if "sampled_ids" in missing else "widen the batch first"
+        raise LossInputError(f"the batch lacks {', '.join(missing)}", hint=hint)
+    if student_logits.dim() != 3 or student_logits.shape[:2] != batch["labels"].shape:
+        raise LossInputError(f"student logits {tuple(student_logits.shape)} do not match labels "
+                             f"{tuple(batch['labels'].shape)}; expected [B, T, V] with the labels' [B, T]")
+    if not batch["topk_logprobs"].is_floating_point():
+        raise LossInputError("topk_logprobs holds codes, not log-probs",
+                             hint="turn codes into log-probs with kdstore.collate.widen(batch, collate.logprob_table)")
+    if token_weights is not None and token_weights.shape != batch["labels"].shape:
+        raise LossInputError(f"token_weights {tuple(token_weights.shape)} must match labels {tuple(batch['labels'].shape)}")
+    vocab_size = student_logits.shape[-1]
+    largest = max((int(batch[k].max()) for k in ("topk_ids", "sampled_ids") if k in batch and batch[k].numel()), default=-1)
+    if largest >= vocab_size:
+        raise VocabMismatchError(f"the store holds teacher id {largest} but the student has {vocab_size} logits; "
+                                 f"the store's vocabulary needs at least {largest + 1}")
+
+
+def select_tokens_by_gap(student_logprob_of_target: torch.Tensor, reference_logprob_of_target: torch.Tensor,
+                         mask: torch.Tensor, keep_fraction: float) -> torch.Tensor:
+    """0/1 weights [B, T] keeping the ceil(keep_fraction * n) unmasked positions where the student lags a reference
+    most (largest reference - student log-prob of the target), AdaSPEC-style token filtering (Hu et al. 2025).
+
+    Both log-probs [B, T] float, mask [B, T] bool (True = counts) -> float32 [B, T]. Ties break arbitrarily.
+    """
+    if not 0 < keep_fraction <= 1:
+        raise LossConfigError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    gap = (reference_logprob_of_target.float() - student_logprob_of_target.float()).detach()
+    gap = torch.where(mask, gap, torch.full_like(gap, -math.inf)).flatten()
+    num_keep = math.ceil(keep_fraction * int(mask.sum()))
+    weights = torch.zeros_like(gap)
+    weights[gap.topk(num_keep).indices] = 1.0
+    return weights.view(mask.shape)
+
+
+def dense_forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                     temperature: float = 1.0, chunk_positions: int = 1024) -> torch.Tensor:
+    """Online full-vocabulary KD: tau**2 * mean over positions with labels != -100 of KL(p_tau || q_tau).
+
+    student_logits, teacher_logits [B, T, V] (any float dtypes; the teacher gets no gradient), labels [B, T].
+    Returns a scalar (0.0 when everything is masked), fp32 inside, chunked like ``distillation_loss``.
+    """
+    if teacher_logits.shape != student_logits.shape:
+        raise VocabMismatchError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                                 f"{tuple(student_logits.shape)} differ")
+    compute_dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    weights = (labels != IGNORE_INDEX).to(compute_dtype).flatten()
+    vocab_size = student_logits.shape[-1]
+    per_position = {"teacher_logits": teacher_logits.detach().reshape(-1, vocab_size), "weights": weights}
+    total = weights.sum()
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    return _chunked_sums(_dense_kl_sums, student_logits.reshape(-1, vocab_size), per_position, chunk_positions,
+                         temperature, total)[0]
+
+
+def _dense_kl_sums(student_logits: torch.Tensor, per_position: dict[str, torch.Tensor], temperature: float,
+                   total_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    keep = per_position["weights"] > 0
+    # padding may hold anything; zeroed logits keep NaN out of the backward pass of masked positions
+    teacher_logits = torch.where(keep.unsqueeze(-1), per_position["teacher_logits"].to(dtype), 0.0)
+    student = torch.log_softmax(student_logits.to(dtype) / temperature, -1)
+    teacher = torch.log_softmax(teacher_logits / temperature, -1)
+    kd_sum = torch.where(keep, kl(teacher, student) * per_position["weights"], 0.0).sum()
+    return temperature ** 2 * kd_sum / total_weight, kd_sum, kd_sum.new_zeros(())
