@@ -92,9 +92,11 @@ def compare(name: str, config: BuildConfig) -> None:
 
 def peak_rss(corpus: list[str], out: Path) -> float:
     """Peak RSS (MB) of a `kdstore build` child process over ``corpus``."""
-    code = ("import sys, resource; from kdstore.build import BuildConfig, build; "
+    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across fork + exec, so a child of this
+    # (large) benchmark process would report the parent's peak, not its own.
+    code = ("from pathlib import Path; from kdstore.build import BuildConfig, build; "
             f"build(BuildConfig(corpus=tuple({corpus!r}), out={str(out)!r}, progress=False, device='cpu')); "
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+            "print([l.split()[1] for l in Path('/proc/self/status').read_text().splitlines() if l.startswith('VmHWM')][0])")
     output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return int(output.strip().splitlines()[-1]) / 1024
 
@@ -109,7 +111,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        for name in args.teachers.split(","):
+        for name in filter(None, args.teachers.split(",")):  # --teachers "" runs --rss alone
             teacher = DEFAULT_TEACHER if name == "bundled" else str(make_100m_teacher(work / "teacher-100m"))
             corpus = (DEFAULT_CORPUS,)
             if name == "100m":  # a slice of the corpus keeps the CPU run to minutes
