@@ -92,6 +92,13 @@ def kl_buckets(values, tail, dec_values, dec_tail) -> float:
     return float((true * (np.log(np.maximum(true, 1e-300)) - np.log(np.maximum(dec, 1e-300)))).sum(axis=1).mean())
 
 
+def order0_entropy_bytes(values: np.ndarray) -> float:
+    """Bytes an ideal order-0 entropy coder needs for ``values`` (a reference point for zstd's result)."""
+    _, counts = np.unique(values, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(counts * np.log2(p)).sum() / 8)
+
+
 def rate(fn, num_positions: int, repeat: int = 3) -> float:
     best = math.inf
     for _ in range(repeat):
@@ -134,7 +141,8 @@ def measure_kdstore(ids, values, tail, target, tokens, vocab, codebook, workdir:
     wanted = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"]
     read_positions = sum(len(b["topk_ids"]) for b in store.iter_batches(columns=wanted))
     read_rate = read_positions / (time.perf_counter() - start)
-    return {"bytes_per_token": store.manifest.total_bytes / store.manifest.num_tokens, "kl": kl,
+    entropy = sum(order0_entropy_bytes(columns[name]) for name in columns) / num_positions
+    return {"bytes_per_token": store.manifest.total_bytes / store.manifest.num_tokens, "kl": kl, "entropy": entropy,
             "encode": rate(encode, num_positions), "decode": rate(decode, num_positions), "read_decode": read_rate}
 
 
@@ -180,7 +188,7 @@ def main() -> None:
     print(f"teacher {args.teacher}: vocabulary {logprobs.shape[1]}, {num_positions} positions; "
           f"ids for the 128k rows: Zipf exponent {args.zipf}")
     header = (f"{'vocab':>7} {'K':>4} {'scheme':<18} {'B/token':>8} {'vs DK':>6} {'KL nats':>9} "
-              f"{'enc Mpos/s':>10} {'dec Mpos/s':>10} {'read+dec':>9}")
+              f"{'enc Mpos/s':>10} {'dec Mpos/s':>10} {'read+dec':>9} {'H0 B/pos':>8}")
     print(header)
     print("-" * len(header))
     with tempfile.TemporaryDirectory() as workdir:
@@ -198,9 +206,12 @@ def main() -> None:
                     ratio = r["bytes_per_token"] / reference["bytes_per_token"]
                     speeds = " ".join(f"{r[key] / 1e6:>10.2f}" if key in r else f"{'':>10}" for key in ("encode", "decode"))
                     read = f"{r['read_decode'] / 1e6:>9.2f}" if "read_decode" in r else ""
+                    read += f" {r['entropy']:>8.1f}" if "entropy" in r else ""
                     print(f"{vocab_name:>7} {k:>4} {label:<18} {r['bytes_per_token']:>8.1f} {ratio:>6.2f} "
                           f"{r['kl']:>9.2e} {speeds} {read}")
     print("B/token: all-in bytes per token; vs DK: ratio to the distillkit-style row of the same vocab and K.")
+    print("H0 B/pos: what an ideal order-0 entropy coder would need for the stored top-K, tail and target columns\n"
+          "(input ids and Parquet overhead excluded): the floor for any per-value coder of these columns.")
 
 
 if __name__ == "__main__":
