@@ -173,6 +173,7 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
     corpus_config = config.corpus_config()
     skip = writer.num_committed_rows
     progress = _progress(config, num_units)
+    started = time.perf_counter()
     for unit in iter_units(config.corpus, corpus_config):
         if partition_of(unit.key, config.num_partitions) != config.partition:
             continue
@@ -187,7 +188,9 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
         result.num_tokens += sum(len(r["input_ids"]) for r in rows[skip:])
         skip = 0
         progress.update(1)
-        progress.set_postfix(tokens=result.num_tokens, refresh=False)
+        seconds = time.perf_counter() - started
+        progress.set_postfix(sequences=result.num_sequences, tokens=result.num_tokens,
+                             tokens_per_s=f"{result.num_tokens / max(seconds, 1e-9):,.0f}", refresh=False)
     progress.close()
 
 
