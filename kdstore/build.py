@@ -31,7 +31,7 @@ import torch
 from kdstore.codec import CodecConfig, encode_positions
 from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, tokenize_unit
 from kdstore.errors import KdstoreError
-from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table
+from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table, sha256_named_files
 from kdstore.teacher import Teacher, load_teacher, sample_sparse, sparsify, teacher_logits_chunks, to_numpy
 from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
 
@@ -109,12 +109,9 @@ class BuildResult:
 
 
 def tokenizer_info(tokenizer: Any, saved: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
     files = sorted(p for p in saved.iterdir() if p.is_file())
-    for path in files:
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
     special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "unk")}
-    return {"name": str(tokenizer.name_or_path), "files_sha256": digest.hexdigest(), "vocab_size": len(tokenizer),
+    return {"name": str(tokenizer.name_or_path), "files_sha256": sha256_named_files(files), "vocab_size": len(tokenizer),
             "special_ids": special, "files": [f"tokenizer/{p.name}" for p in files]}
 
 

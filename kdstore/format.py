@@ -16,11 +16,14 @@ this module and those files in agreement.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -259,3 +262,24 @@ def rows_to_table(schema: pa.Schema, rows: list[dict[str, Any]]) -> pa.Table:
         else:
             arrays.append(pa.array(values, type=column.type))
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """sha256 of one file's bytes (the manifest's per-shard checksum)."""
+    return sha256_named_files([path], chunk_bytes, with_names=False)
+
+
+def sha256_named_files(paths: Iterable[Path], chunk_bytes: int = 1 << 22, with_names: bool = True) -> str:
+    """sha256 over each file's ``name + NUL`` then its bytes, in the order given.
+
+    The fingerprint of a set of files (a teacher's weights, a tokenizer's files):
+    renaming or changing any file changes it; where the folder lives does not.
+    """
+    digest = hashlib.sha256()
+    for path in paths:
+        if with_names:
+            digest.update(Path(path).name.encode() + b"\0")
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk_bytes):
+                digest.update(block)
+    return digest.hexdigest()

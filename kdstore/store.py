@@ -43,8 +43,8 @@ from kdstore.format import (
     ShardInfo,
     logits_schema,
     safe_relative_path,
+    sha256_file,
 )
-from kdstore.writer import sha256_file
 
 # decoded name -> stored columns it needs
 DECODED_COLUMNS: dict[str, tuple[str, ...]] = {

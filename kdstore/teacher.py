@@ -15,7 +15,6 @@ Math (fp32 throughout, whatever the teacher's dtype):
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 
 from kdstore.errors import KdstoreError
+from kdstore.format import sha256_named_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -90,14 +90,8 @@ def load_teacher(source: str, dtype: str = "float32", device: str = "auto", trus
 
 def content_sha256(folder: Path) -> str:
     """sha256 over the config and weight files of a model folder, in name order."""
-    digest = hashlib.sha256()
     patterns = ("config.json", "*.safetensors", "*.bin", "*.safetensors.index.json")
-    for path in sorted({p for pattern in patterns for p in folder.glob(pattern)}):
-        digest.update(path.name.encode() + b"\0")
-        with open(path, "rb") as handle:
-            while block := handle.read(1 << 22):
-                digest.update(block)
-    return digest.hexdigest()
+    return sha256_named_files(sorted({p for pattern in patterns for p in folder.glob(pattern)}))
 
 
 @torch.inference_mode()

@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import shutil
@@ -48,6 +47,7 @@ from kdstore.format import (
     ShardInfo,
     new_created_at,
     partition_record_name,
+    sha256_file,
     shard_name,
 )
 
@@ -62,14 +62,6 @@ DEFAULT_ZSTD_LEVEL = 9  # measured in benchmarks/codec.py: level 19 saves ~3 % m
 # the same way: -21 % on the top-K log-prob codes at K=64 (75 -> 59 B/position).
 _SPLIT_COLUMNS = ("input_ids", "topk_id_deltas", "topk_logprob_codes", "tail_logmass_codes", "target_logprob_codes",
                   "sampled_id_deltas", "sampled_counts", "sampled_num_ids")
-
-
-def sha256_file(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk_bytes):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -21,8 +21,8 @@ from kdstore.errors import (
     ShardMissingError,
     StoreNotFoundError,
 )
+from kdstore.format import sha256_file
 from kdstore.store import open_store
-from kdstore.writer import sha256_file
 
 
 def _edit_manifest(path: Path, edit) -> None:
