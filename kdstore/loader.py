@@ -5,7 +5,7 @@
 
     plan = PlanConfig(batch_size=16, seed=0)
     loader = make_dataloader(MemoryMappedDataset("store"), plan, num_workers=2)   # local, random access
-    loader = make_dataloader(StreamingDataset("s3://bucket/store"), plan)       # any fsspec URL, no local copy
+    loader = make_dataloader(StreamingDataset("s3://bucket/store", plan))       # any fsspec URL, no local copy
     for epoch in range(3):
         set_epoch(loader, epoch)
         for batch in loader:           # padded tensors (kdstore.collate); loader.state_dict() resumes exactly
@@ -23,21 +23,18 @@ order when W <= 1). docs/loader.md has the details.
   touched are handed back to the kernel every ``release_bytes`` so the
   process's RSS does not grow with the store.
 * ``StreamingDataset`` reads Parquet row groups directly, locally or through
-  fsspec, holding only the row groups of the current shuffle window.
+  fsspec, holding only the row groups of one or two consecutive shuffle windows.
+
+Opening a store (local or fsspec) and reading its row groups is kdstore.sources;
+making the Arrow copy is kdstore.arrow_copy. Their public names are re-exported here.
 """
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
-import json
 import mmap
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,183 +42,27 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from kdstore.codec import CodecConfig, decode_positions
+from kdstore.arrow_copy import CACHE_DIR, convert_to_arrow, store_fingerprint
 from kdstore.collate import Collator
-from kdstore.errors import KdstoreError, ShardCorruptError, ShardMissingError, StoreNotFoundError
-from kdstore.format import MANIFEST_NAME, Manifest, safe_relative_path
+from kdstore.errors import KdstoreError, ShardCorruptError, ShardMissingError
 from kdstore.shuffle import EpochPlan, PlanConfig, distributed_rank, interleave_workers, worker_batches
-from kdstore.store import Store, check_shard_file, list_parts, open_store
+from kdstore.sources import (
+    EmptyStoreError,
+    RowGroup,
+    StoreSource,
+    TokenizerMismatchError,
+    check_tokenizer,
+    load_store,
+    read_row_group,
+)
+from kdstore.store import Store
 
-CACHE_DIR = "_cache/arrow"  # under the store folder
 FAULT_AROUND_BYTES = 16 * mmap.PAGESIZE  # Linux maps up to fault_around_bytes (default 64 KiB) per fault
-DEFAULT_RELEASE_BYTES = 16 << 20  # mapped bytes read between MADV_DONTNEED calls: RSS stays within ~this of the start
-
-
-class EmptyStoreError(KdstoreError):
-    hint = "build the store with at least one sequence (`kdstore info STORE` shows the counts)"
-
-
-class TokenizerMismatchError(KdstoreError):
-    hint = "train the student with the teacher's tokenizer (STORE/tokenizer/), or pass allow_tokenizer_mismatch=True"
+DEFAULT_RELEASE_BYTES = 16 << 20  # bytes mapped in (see _mapped_bytes) between MADV_DONTNEED calls: RSS stays ~flat
 
 
 class ResumeError(KdstoreError):
     hint = "resume with the same store, PlanConfig, ranks and DataLoader workers as the run that saved the state"
-
-
-# -- stores: local or fsspec ------------------------------------------------
-@dataclass(frozen=True)
-class StoreSource:
-    """An opened store and where its files are: ``fs`` None for a local folder, else an fsspec filesystem."""
-
-    store: Store
-    location: str
-    fs: Any = None
-    fs_root: str = ""
-
-    def open_parquet(self, index: int) -> pq.ParquetFile:
-        """Shard ``index`` of the manifest as a ParquetFile (page checksums on)."""
-        shard = self.store.manifest.shards[index]
-        if self.fs is None:
-            return self.store.open_shard(shard)
-        try:
-            handle = self.fs.open(f"{self.fs_root}/{safe_relative_path(shard.path)}", "rb")
-            return pq.ParquetFile(handle, page_checksum_verification=True)
-        except FileNotFoundError:
-            raise ShardMissingError(f"shard {shard.path} listed in the manifest is missing from {self.location}") from None
-        except (OSError, pa.ArrowException) as exc:
-            raise ShardCorruptError(f"shard {shard.path} cannot be opened: {exc}") from None
-
-
-def load_store(store: str | os.PathLike[str] | Store, storage_options: dict[str, Any] | None = None) -> StoreSource:
-    """A local path or an fsspec URL (``s3://``, ``gs://``, ``file://``, ...) -> StoreSource; refuses an empty store."""
-    if isinstance(store, Store):
-        source = StoreSource(store, str(store.root))
-    elif "://" in str(store):
-        import fsspec
-
-        fs, root = fsspec.core.url_to_fs(str(store), **(storage_options or {}))
-        try:
-            text = fs.cat_file(f"{root}/{MANIFEST_NAME}").decode()
-        except FileNotFoundError:
-            raise StoreNotFoundError(f"{store} is not a kdstore store: it has no {MANIFEST_NAME}") from None
-        manifest = Manifest.from_json(text, f"{store}/{MANIFEST_NAME}")
-        source = StoreSource(Store(Path(root), manifest), str(store), fs, root)
-    else:
-        source = StoreSource(open_store(store), str(store))
-    if source.store.manifest.num_sequences == 0:
-        raise EmptyStoreError(f"store {source.location} has no sequences")
-    return source
-
-
-def check_tokenizer(store: Store, student_tokenizer: Any, allow_mismatch: bool = False) -> None:
-    """Refuse a student tokenizer (a folder, hub id or tokenizer object) whose files hash differs from the store's."""
-    from transformers import AutoTokenizer
-
-    from kdstore.build import tokenizer_info  # the same hash the build recorded
-
-    tokenizer = student_tokenizer
-    if isinstance(student_tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(student_tokenizer)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer.save_pretrained(scratch)
-        student = tokenizer_info(tokenizer, Path(scratch))
-    recorded = store.manifest.tokenizer
-    if recorded.get("files_sha256") == student["files_sha256"]:
-        return
-    name = str(student_tokenizer) if isinstance(student_tokenizer, (str, os.PathLike)) else student["name"]
-    message = (f"the store was made with tokenizer {recorded.get('name')!r} (files sha256 "
-               f"{str(recorded.get('files_sha256'))[:12]}), the student tokenizer {name!r} has {student['files_sha256'][:12]}")
-    if not allow_mismatch:
-        raise TokenizerMismatchError(message)
-    warnings.warn(f"{message}; going on because allow_tokenizer_mismatch=True", stacklevel=3)
-
-
-# -- samples ----------------------------------------------------------------
-class RowGroup:
-    """The rows of one row group (a Parquet row group read, or a mapped Arrow record batch) as samples.
-
-    Holds zero-copy numpy views of the list columns; ``sample`` slices them and decodes the top-K ids.
-    """
-
-    def __init__(self, codec: CodecConfig, batch: pa.RecordBatch | pa.Table, first_row: int) -> None:
-        self.codec, self.first_row, self.num_rows = codec, first_row, batch.num_rows
-        self.sequence_ids = batch.column("sequence_id") if "sequence_id" in batch.column_names else None
-        self.parts = {name: list_parts(batch.column(name)) for name in batch.column_names
-                      if pa.types.is_list(batch.schema.field(name).type)}
-
-    def sample(self, row: int) -> dict[str, Any]:
-        """Row ``row`` of the group: input_ids [T] int32, topk_ids [P, K] int32, the *_codes columns, index, ..."""
-        out: dict[str, Any] = {"index": self.first_row + row}
-        if self.sequence_ids is not None:
-            out["sequence_id"] = self.sequence_ids[row].as_py()
-        stored = {name: values[offsets[row]:offsets[row + 1]] for name, (values, offsets) in self.parts.items()}
-        codes = {name: stored.pop(name) for name in list(stored) if name.endswith("_codes")}  # left to the collator
-        if "topk_logprob_codes" in codes:
-            codes["topk_logprob_codes"] = codes["topk_logprob_codes"].reshape(-1, self.codec.k)
-        if "input_ids" in stored:
-            out["input_ids"] = stored.pop("input_ids")
-        out.update(codes)
-        out.update(decode_positions(self.codec, stored))  # topk_ids [P, K] int32; sampled ids and counts
-        return out
-
-
-# -- the Arrow IPC copy -----------------------------------------------------
-def store_fingerprint(manifest: Manifest) -> str:
-    """Changes whenever a shard or the column set changes: names the Arrow copy."""
-    text = json.dumps([manifest.columns, [(s.path, s.sha256) for s in manifest.shards]])
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
-
-
-def convert_to_arrow(store: str | os.PathLike[str] | Store | StoreSource,
-                     cache_dir: str | os.PathLike[str] | None = None) -> Path:
-    """Write (once) the uncompressed Arrow IPC copy that MemoryMappedDataset maps; return its path.
-
-    One record batch per Parquet row group, stored columns as they are. Each shard's size and sha256
-    are checked against the manifest first. Written as ``<name>.tmp-<pid>`` then renamed, under a lock
-    so concurrent ranks convert once; copies of older manifests in the folder are removed.
-    """
-    source = store if isinstance(store, StoreSource) else load_store(store)
-    if source.fs is not None and cache_dir is None:
-        raise KdstoreError(f"{source.location} is remote; its Arrow copy needs a local cache_dir",
-                           hint="pass cache_dir=... (a local folder), or use StreamingDataset")
-    folder = Path(cache_dir) if cache_dir is not None else source.store.root / CACHE_DIR
-    path = folder / f"store-{store_fingerprint(source.store.manifest)}.arrow"
-    if path.is_file():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
-        if not path.is_file():
-            _write_arrow_copy(source, path)
-            for stale in folder.glob("store-*.arrow"):
-                if stale != path:
-                    stale.unlink(missing_ok=True)
-    return path
-
-
-def _write_arrow_copy(source: StoreSource, path: Path) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, source.store.schema) as writer:
-            for index, shard in enumerate(source.store.manifest.shards):
-                if source.fs is None:  # remote files are checked by their page checksums only
-                    check_shard_file(source.store, shard)
-                parquet = source.open_parquet(index)
-                for group in range(parquet.num_row_groups):
-                    writer.write_batch(_read_row_group(parquet, shard.path, group, None).combine_chunks().to_batches()[0])
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _read_row_group(parquet: pq.ParquetFile, shard_path: str, group: int, columns: list[str] | None) -> pa.Table:
-    try:
-        return parquet.read_row_group(group, columns=columns)
-    except (OSError, pa.ArrowException) as exc:
-        raise ShardCorruptError(f"shard {shard_path} row group {group} cannot be read: {exc}") from None
 
 
 # -- the map-style dataset --------------------------------------------------
@@ -275,10 +116,10 @@ class MemoryMappedDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"sequence index {index} is outside 0..{len(self) - 1}")
         group = int(np.searchsorted(self._group_starts, index, side="right")) - 1
-        sample = self._groups[group].sample(index - int(self._group_starts[group]))
+        row = index - int(self._group_starts[group])
+        sample = self._groups[group].sample(row)
         self._touched.add(group)
-        # a page fault maps up to 16 neighbouring pages (Linux fault-around): count them, not just the bytes read
-        self._bytes_since_release += sum(v.nbytes + FAULT_AROUND_BYTES for v in sample.values() if isinstance(v, np.ndarray))
+        self._bytes_since_release += _mapped_bytes(self._groups[group], row)
         if self._bytes_since_release >= self.release_bytes:
             # drop the pages this process mapped in (the page cache keeps them): RSS stays flat over any store size
             for touched in self._touched:
@@ -286,6 +127,18 @@ class MemoryMappedDataset(Dataset):
             self._touched.clear()
             self._bytes_since_release = 0
         return sample
+
+
+def _mapped_bytes(rows: RowGroup, row: int) -> int:
+    """About how many bytes of the mapping reading ``row`` adds to RSS (an upper bound, not just the bytes read).
+
+    A page fault maps up to 16 neighbouring pages (Linux fault-around): per list column the values slice plus
+    one window where it straddles a window edge and one for the two offsets read; two for the sequence id.
+    Counting only the bytes read let RSS grow ~2.4x past ``release_bytes`` (benchmarks/loader.py, K=64).
+    """
+    windows = 2 * len(rows.parts) + (2 if rows.sequence_ids is not None else 0)
+    values = sum(int(offsets[row + 1] - offsets[row]) * data.itemsize for data, offsets in rows.parts.values())
+    return values + windows * FAULT_AROUND_BYTES
 
 
 def _mapped_pages(batch: pa.RecordBatch, base_address: int) -> tuple[int, int]:
@@ -354,7 +207,7 @@ class StreamingDataset(IterableDataset):
 
     Use with ``DataLoader(dataset, batch_size=None, collate_fn=Collator(...))`` (``make_dataloader`` does).
     Every rank yields ``len(dataset)`` batches per epoch; DataLoader worker w of W reads the contiguous
-    block ``worker_batches(len, w, W)`` and holds only the row groups of its current shuffle window.
+    block ``worker_batches(len, w, W)`` and holds only the row groups of one or two consecutive shuffle windows.
     A row group that cannot be read raises ShardCorruptError naming shard and row group; with
     ``skip_bad_row_groups=True`` it is skipped with a warning and its rows' places in a batch are
     filled by repeating the batch's readable rows, so every rank still yields the same number of batches.
@@ -435,7 +288,7 @@ class StreamingDataset(IterableDataset):
         try:
             if shard_index not in files:
                 files[shard_index] = self.source.open_parquet(shard_index)
-            table = _read_row_group(files[shard_index], shard_path, row_group, self.columns)
+            table = read_row_group(files[shard_index], shard_path, row_group, self.columns)
         except (ShardCorruptError, ShardMissingError) as exc:
             if not self.skip_bad_row_groups:
                 raise
@@ -500,6 +353,9 @@ def set_epoch(loader: Any, epoch: int) -> None:
             part.set_epoch(epoch)
 
 
-__all__ = ["Collator", "EmptyStoreError", "EpochBatchSampler", "MemoryMappedDataset", "PlanConfig", "ResumeError",
-           "StreamingDataset", "TokenizerMismatchError", "convert_to_arrow", "interleave_workers", "make_dataloader",
-           "set_epoch"]
+# the loader's public names; the ones that live in kdstore.sources / kdstore.arrow_copy are re-exported so
+# `from kdstore.loader import ...` keeps working for every name this module had before the split
+__all__ = ["CACHE_DIR", "Collator", "EmptyStoreError", "EpochBatchSampler", "MemoryMappedDataset", "PlanConfig",
+           "ResumeError", "RowGroup", "StoreSource", "StreamingDataset", "TokenizerMismatchError", "check_tokenizer",
+           "convert_to_arrow", "interleave_workers", "load_store", "make_dataloader", "read_row_group", "set_epoch",
+           "store_fingerprint"]

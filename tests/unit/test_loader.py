@@ -11,7 +11,7 @@ import torch
 from conftest import make_manifest, synthetic_rows, write_store
 from kdstore.codec import CodecConfig
 from kdstore.collate import Collator
-from kdstore.errors import ShardCorruptError, ShardMissingError
+from kdstore.errors import ChecksumError, ShardCorruptError, ShardMissingError
 from kdstore.format import logits_schema, rows_to_table
 from kdstore.loader import (
     EmptyStoreError,
@@ -127,6 +127,11 @@ def test_a_corrupted_row_group_met_while_streaming_names_shard_and_row_group(sto
     with pytest.warns(UserWarning, match=rf"skipping shard shards/{shard.name} row group 0"):
         result = batches(make_dataloader(skipping))
     assert len(result) == len(skipping) and all(len(b["sequence_index"]) == 2 for b in result)
+    in_worker = StreamingDataset(store, PlanConfig(batch_size=2, shuffle=False), rank=0, num_ranks=1)
+    with pytest.raises(ShardCorruptError, match=rf"shard shards/{shard.name} row group 0 cannot be read"):
+        batches(make_dataloader(in_worker, num_workers=2))  # raised in a worker, re-raised by the DataLoader
+    with pytest.raises(ChecksumError, match=f"shard shards/{shard.name} does not match its sha256"):
+        MemoryMappedDataset(store)  # the Arrow copy is made from sound shards only
 
 
 def test_a_shard_missing_during_iteration_is_a_named_error(store):
@@ -151,6 +156,25 @@ def test_more_ranks_than_row_groups_is_refused(tmp_path, codec):
     one_group = write_store(tmp_path / "small", codec, num_sequences=4)
     with pytest.raises(PartitionError, match="2 ranks but the store has only 1 row groups"):
         StreamingDataset(one_group, PlanConfig(batch_size=1), rank=0, num_ranks=2)
+    with pytest.raises(PartitionError, match="2 ranks but the store has only 1 row groups"):
+        make_dataloader(MemoryMappedDataset(one_group), PlanConfig(batch_size=1), rank=1, num_ranks=2)
+
+
+@pytest.mark.parametrize("kind", ["mapped", "streaming"])
+def test_four_ranks_by_two_workers_over_six_uneven_shards_get_equal_batches_losing_nothing(tmp_path, codec, kind):
+    store = write_store(tmp_path / "uneven", codec, num_sequences=41, shard_bytes=7000, row_group_bytes=1200)
+    assert [s.num_rows for s in open_store(store).manifest.shards] == [8, 8, 8, 8, 8, 1]
+    plan = PlanConfig(batch_size=4, seed=2)
+    per_rank = []
+    for rank in range(4):
+        if kind == "mapped":
+            loader = make_dataloader(MemoryMappedDataset(store), plan, rank=rank, num_ranks=4, num_workers=2)
+        else:
+            loader = make_dataloader(StreamingDataset(store, plan, rank=rank, num_ranks=4), num_workers=2)
+        per_rank.append([i for b in batches(loader) for i in b["sequence_index"].tolist()])
+    assert [len(seen) for seen in per_rank] == [3 * 4] * 4  # ceil(41 / (4 ranks * 4)) = 3 full batches on each
+    counts = np.bincount(sum(per_rank, []), minlength=41)
+    assert counts.min() == 1 and counts.sum() - 41 == 4 * 12 - 41  # none lost; only the documented padding repeats
 
 
 def _store_with_tokenizer(path, codec, tokenizer):
@@ -209,3 +233,14 @@ def test_a_collator_decides_which_columns_the_datasets_read(store, codec):
     sample = MemoryMappedDataset(store, columns=["input_ids", "topk_ids", "topk_logprobs"])[0]
     assert {"input_ids", "topk_ids", "topk_logprob_codes"} <= set(sample) and "tail_logmass_codes" not in sample
     assert set(collate.columns) >= {"input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"}
+
+
+def test_the_names_split_out_of_the_loader_module_still_import_from_it():
+    import kdstore.arrow_copy
+    import kdstore.loader
+    import kdstore.sources
+
+    for name in kdstore.loader.__all__:
+        assert hasattr(kdstore.loader, name), name
+    for module in (kdstore.sources, kdstore.arrow_copy):
+        assert all(getattr(kdstore.loader, name) is getattr(module, name) for name in module.__all__)

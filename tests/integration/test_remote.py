@@ -1,0 +1,114 @@
+"""A store on a real S3-compatible HTTP server (moto's, on loopback) loads byte for byte like the local copy.
+
+No mock of the filesystem layer: s3fs talks HTTP to a moto server thread on 127.0.0.1 (a free port), and
+the AWS variables point at dummies so nothing looks for real credentials or leaves the machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import write_store
+from kdstore.codec import CodecConfig
+from kdstore.errors import ChecksumError, ShardMissingError
+from kdstore.loader import MemoryMappedDataset, StreamingDataset, convert_to_arrow, make_dataloader
+from kdstore.shuffle import PlanConfig
+
+pytest.importorskip("s3fs", reason="the remote test reads through s3fs")
+moto_server = pytest.importorskip("moto.moto_server.threaded_moto_server", reason="needs moto[server]")
+
+BUCKET = "kd-bucket"
+PLAN = PlanConfig(batch_size=4, seed=7)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(an s3fs filesystem, its storage_options) on a fresh moto server; a bucket exists."""
+    import s3fs
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            env.setenv(name, value)
+        missing = str(tmp_path_factory.mktemp("aws") / "none")  # no ~/.aws config or credentials are read
+        env.setenv("AWS_CONFIG_FILE", missing)
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        # the region comes from AWS_DEFAULT_REGION: s3fs would send a region in client_kwargs as the bucket's
+        # LocationConstraint, which S3 refuses for us-east-1
+        options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        fs.mkdir(BUCKET)
+        yield fs, options
+        server.stop()
+
+
+@pytest.fixture
+def stores(s3, tmp_path):
+    """(local store path, its s3:// URL): the same files, uploaded."""
+    fs, _ = s3
+    local = write_store(tmp_path / "store", CodecConfig(k=8, vocab_size=300), num_sequences=30,
+                        shard_bytes=5000, row_group_bytes=1200)  # 3 shards of uneven row groups
+    prefix = f"{BUCKET}/{tmp_path.name}"  # one folder per test: a test may damage its copy
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.put_file(str(path), f"{prefix}/{path.relative_to(local).as_posix()}")
+    return local, f"s3://{prefix}"
+
+
+def batch_bytes(loader):
+    return [{k: v.numpy().tobytes() for k, v in batch.items()} for batch in loader]
+
+
+def test_streaming_from_s3_is_byte_identical_to_the_local_store(s3, stores):
+    _, options = s3
+    local, url = stores
+    expected = batch_bytes(make_dataloader(StreamingDataset(local, PLAN, rank=1, num_ranks=2), num_workers=2))
+    remote = StreamingDataset(url, PLAN, rank=1, num_ranks=2, storage_options=options)
+    assert remote.source.fs is not None  # really read through fsspec, not a local path
+    assert batch_bytes(make_dataloader(remote, num_workers=2)) == expected
+    mapped = batch_bytes(make_dataloader(MemoryMappedDataset(local), PLAN, rank=1, num_ranks=2))
+    assert batch_bytes(make_dataloader(StreamingDataset(url, PLAN, rank=1, num_ranks=2, storage_options=options))) == mapped
+
+
+def test_memory_mapped_from_s3_copies_into_the_local_cache_dir_and_matches_the_local_store(s3, stores, tmp_path):
+    _, options = s3
+    local, url = stores
+    cache = tmp_path / "cache"
+    remote = MemoryMappedDataset(url, cache_dir=cache, storage_options=options)
+    assert remote.path.parent == cache and remote.path.is_file()
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name]  # the downloaded shards are gone
+    assert convert_to_arrow(url, cache, storage_options=options) == remote.path  # made once, found again
+    expected = batch_bytes(make_dataloader(MemoryMappedDataset(local), PLAN, rank=0, num_ranks=2))
+    assert batch_bytes(make_dataloader(remote, PLAN, rank=0, num_ranks=2, num_workers=2)) == expected
+    for index in (0, 17, 29):
+        a, b = remote[index], MemoryMappedDataset(local)[index]
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_shard_missing_on_s3_during_iteration_is_a_named_error(s3, stores):
+    fs, options = s3
+    _, url = stores
+    dataset = StreamingDataset(url, PlanConfig(batch_size=2, shuffle=False), rank=0, num_ranks=1,
+                               storage_options=options)  # reads every footer: all shards are there
+    shard = dataset.store.manifest.shards[1].path
+    fs.rm(f"{url.removeprefix('s3://')}/{shard}")
+    with pytest.raises(ShardMissingError, match=f"shard {shard} listed in the manifest is missing from {url}"):
+        batch_bytes(make_dataloader(dataset))
+
+
+def test_the_arrow_copy_of_an_s3_store_refuses_a_missing_or_changed_shard(s3, stores, tmp_path):
+    fs, options = s3
+    _, url = stores
+    prefix = url.removeprefix("s3://")
+    shards = [s.path for s in StreamingDataset(url, PLAN, storage_options=options).store.manifest.shards]
+    fs.pipe_file(f"{prefix}/{shards[0]}", fs.cat_file(f"{prefix}/{shards[0]}")[:-10] + bytes(10))  # same size
+    with pytest.raises(ChecksumError, match=f"shard {shards[0]} does not match its sha256"):
+        MemoryMappedDataset(url, cache_dir=tmp_path / "cache", storage_options=options)
+    fs.rm(f"{prefix}/{shards[0]}")
+    with pytest.raises(ShardMissingError, match=f"shard {shards[0]} listed in the manifest is missing from {url}"):
+        MemoryMappedDataset(url, cache_dir=tmp_path / "cache", storage_options=options)
+    assert not list((tmp_path / "cache").glob("store-*"))  # nothing that looks complete
