@@ -42,3 +42,16 @@ def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", readme, flags=re.S)[:2]
     assert "kdstore build" in commands[0]
     assert "pytest" in commands[1] and commands[1] in (root / ".ci" / "run").read_text()
+
+
+def test_readme_training_snippet_runs_against_a_store(store_path, codec, monkeypatch):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    code = _blocks((Path(__file__).parents[1] / "README.md").read_text(), "python")[0]
+    student = LlamaForCausalLM(LlamaConfig(vocab_size=codec.vocab_size, hidden_size=16, intermediate_size=32,
+                                           num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    monkeypatch.chdir(store_path.parent)
+    namespace = {"student": student, "device": torch.device("cpu")}
+    exec(compile(code.replace('"store"', f'"{store_path.name}"'), "README.md", "exec"), namespace)
+    assert torch.isfinite(namespace["loss"]) and namespace["loss"] > 0
