@@ -151,19 +151,18 @@ class TrainResult:
 def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
     """Train (or, with ``resume``, continue) the run ``config`` describes; rank 0 logs through ``log``."""
     started = time.perf_counter()
-    rank, world, device, owns_group = _init_distributed(config.device)
-    say = log if rank == 0 else (lambda _: None)
+    rank, world, device, owns_group = _init_distributed(config.device)  # 1
+    def say(line: str | None) -> None:
+        if rank == 0 and line is not None:
+            log(line)
+
     try:
-        # 2. data
-        dataset = MemoryMappedDataset(config.store)
-        train_rows, val_dataset, val_rows = split_sequences(dataset, config)
-        plan = PlanConfig(batch_size=config.batch_size, seed=config.seed)
-        collate = Collator(dataset.store.codec, sampled=config.loss.name == "sampled_kl")
-        loader = make_dataloader(Sequences(dataset, train_rows), plan, collator=collate, num_workers=config.num_workers)
-        # 3. student, 4. optimizer and schedule
-        student = load_student(config.student, dataset.store.codec.vocab_size, config.seed).to(device)
+        data = open_data(config)  # 2
+        loader = make_dataloader(Sequences(data.dataset, data.train_rows), PlanConfig(config.batch_size, seed=config.seed),
+                                 collator=data.collate, num_workers=config.num_workers)
+        student = load_student(config.student, data.dataset.store.codec.vocab_size, config.seed).to(device)  # 3
         model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
-        optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=(0.9, 0.95),
+        optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=(0.9, 0.95),  # 4
                                       weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
         taid = TaidState(config.loss) if config.loss.name == "taid" else None
@@ -175,19 +174,19 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             raise TrainError(f"{config.out} already holds a checkpoint", hint="pass --resume, or pick a new --out")
         Path(config.out).mkdir(parents=True, exist_ok=True)
         say(f"training {config.student} ({sum(p.numel() for p in student.parameters()):,} parameters) on "
-            f"{len(train_rows)} sequences of {config.store}, validating on {len(val_rows)}; {world} rank(s), {device}")
-        # 5. steps
-        batches = batch_stream(loader, run.epoch)
-        meter = Meter()
-        while run.step < config.steps:
+            f"{len(data.train_rows)} sequences of {config.store}, validating on {len(data.val_rows)}; "
+            f"{world} rank(s), {device}")
+        batches, meter = batch_stream(loader, run.epoch), Meter(device)
+        while run.step < config.steps:  # 5
             optimizer.zero_grad(set_to_none=True)
             meter.step = []
             for micro in range(config.grad_accum):
                 where = (run.epoch, run.batches_in_epoch)
-                batch = widen({k: v.to(device, non_blocking=True) for k, v in next(batches).items()}, collate.logprob_table)
+                batch = widen({k: v.to(device, non_blocking=True) for k, v in next(batches).items()},
+                              data.collate.logprob_table)
                 run.advance_batch(len(loader))
-                sync = micro == config.grad_accum - 1 or world == 1
-                with contextlib.nullcontext() if sync else model.no_sync():  # all-reduce once per step
+                last = micro == config.grad_accum - 1
+                with contextlib.nullcontext() if last or world == 1 else model.no_sync():  # all-reduce once per step
                     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                     loss, metrics = distillation_loss(logits, batch, config.loss, state=taid)
                     (loss / config.grad_accum).backward()
@@ -195,34 +194,37 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or math.inf)
             if _any_rank(not (meter.finite() and math.isfinite(grad_norm.item())), device):
                 raise NonFiniteLossError(f"the loss or its gradient is not finite at step {run.step + 1} "
-                                         f"({meter.describe(rank, dataset)}); the weights were not updated; the last "
-                                         f"good checkpoint is {_last_checkpoint(config)}")
+                                         f"({meter.describe(rank, data.dataset)}); the weights were not updated; "
+                                         f"the last good checkpoint is {_last_checkpoint(config)}")
             optimizer.step()
             scheduler.step()
             run.step += 1
             if taid is not None:
                 taid.update(meter.step_kd())  # once per optimizer step (TaidState's contract)
-            # 6. report, validate, checkpoint
-            entry = meter.report(run.step, scheduler.get_last_lr()[0], device) if _due(run.step, config.log_every,
-                                                                                          config) else {}
-            if _due(run.step, config.val_every, config):
-                entry = {"step": run.step, **entry,
-                         "val_loss": validation_loss(model, val_dataset, val_rows, collate, config.batch_size, device)}
-            if entry:
-                run.history.append(entry)
-                say("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items()))
+            say(report(config, run, meter, scheduler.get_last_lr()[0], lambda: validation_loss(
+                student, data.val_dataset, data.val_rows, data.val_collate, config.batch_size, device)))  # 6
             if _due(run.step, config.checkpoint_every, config):
                 save_checkpoint(config, run, student, optimizer, scheduler, loader, taid, rank)
-        # 7. the student, ready for from_pretrained
-        if rank == 0:
-            export_student(student, dataset.store.tokenizer_path, Path(config.out, STUDENT_DIR))
-        result = _result(config, run, meter, started, device)
+        if rank == 0:  # 7
+            export_student(student, data.dataset.store.tokenizer_path, Path(config.out, STUDENT_DIR))
+        result = _result(config, run, meter, started)
         say(f"done: step {result.step}, validation loss {result.val_loss:.4f} nats/token, "
             f"{result.tokens_per_second:,.0f} tokens/s; student saved to {Path(config.out, STUDENT_DIR)}")
         return result
     finally:
         if owns_group:
             dist.destroy_process_group()
+
+
+def report(config: TrainConfig, run: RunState, meter: Meter, lr: float, validate: Callable[[], float]) -> str | None:
+    """Log and validate when due: appends to ``run.history`` and returns the line to print (None if not due)."""
+    entry = meter.report(run.step, lr) if _due(run.step, config.log_every, config) else {}
+    if _due(run.step, config.val_every, config):
+        entry = {"step": run.step, **entry, "val_loss": validate()}
+    if not entry:
+        return None
+    run.history.append(entry)
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items())
 
 
 def _init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
@@ -272,21 +274,37 @@ def held_out(sequence_id: str, fraction: float) -> bool:
     return int.from_bytes(hashlib.sha256(sequence_id.encode()).digest()[:8], "little") < fraction * 2.0**64
 
 
-def split_sequences(dataset: MemoryMappedDataset,
-                    config: TrainConfig) -> tuple[np.ndarray, MemoryMappedDataset, np.ndarray]:
-    """(training rows of ``dataset``, the validation dataset, its validation rows)."""
+@dataclass
+class Data:
+    dataset: MemoryMappedDataset  # STORE
+    train_rows: np.ndarray  # rows of STORE to train on
+    val_dataset: MemoryMappedDataset  # STORE, or val_store
+    val_rows: np.ndarray
+    collate: Collator  # STORE's, for training
+    val_collate: Collator
+
+
+def open_data(config: TrainConfig) -> Data:
+    """STORE and the validation sequences: all of ``val_store``, or the held-out ``val_fraction`` of STORE."""
+    dataset = MemoryMappedDataset(config.store)
+    codec = dataset.store.codec
+    if config.loss.name == "sampled_kl" and codec.sampled_draws and codec.sampled_mode != config.loss.sampled_mode:
+        raise TrainError(f"loss.sampled_mode is {config.loss.sampled_mode!r} but the draws in {config.store} are "
+                         f"mode {codec.sampled_mode!r}", hint=f"set sampled_mode = {codec.sampled_mode!r} under [loss]")
+    collate = Collator(codec, sampled=config.loss.name == "sampled_kl")
     if config.val_store:
         val_dataset = MemoryMappedDataset(config.val_store)
-        if val_dataset.store.codec.vocab_size != dataset.store.codec.vocab_size:
+        if val_dataset.store.codec.vocab_size != codec.vocab_size:
             raise TrainError(f"the validation store has vocabulary {val_dataset.store.codec.vocab_size}, the training "
-                             f"store {dataset.store.codec.vocab_size}", hint="use stores made with the same tokenizer")
-        return np.arange(len(dataset)), val_dataset, np.arange(len(val_dataset))
+                             f"store {codec.vocab_size}", hint="use stores made with the same tokenizer")
+        return Data(dataset, np.arange(len(dataset)), val_dataset, np.arange(len(val_dataset)),
+                    collate, Collator(val_dataset.store.codec))
     ids = [i for table in dataset.store.iter_tables(["sequence_id"]) for i in table.column("sequence_id").to_pylist()]
     is_val = np.array([held_out(i, config.val_fraction) for i in ids], dtype=bool)
     if is_val.all() or not is_val.any():
         raise TrainError(f"val_fraction {config.val_fraction} leaves {int(is_val.sum())} of {len(ids)} sequences for "
                          "validation", hint="pick a val_fraction that leaves sequences on both sides, or a val_store")
-    return np.flatnonzero(~is_val), dataset, np.flatnonzero(is_val)
+    return Data(dataset, np.flatnonzero(~is_val), dataset, np.flatnonzero(is_val), collate, collate)
 
 
 def batch_stream(loader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -305,7 +323,7 @@ def load_student(source: str, vocab_size: int, seed: int) -> torch.nn.Module:
     path = Path(source)
     torch.manual_seed(seed)  # the same initial weights on every rank and in every run with this seed
     try:
-        if path.is_dir() and any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+        if path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
             student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         else:
             student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
@@ -330,7 +348,11 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, dataset: MemoryMappedDataset, rows: np.ndarray, collate: Collator,
                     batch_size: int, device: torch.device) -> float:
-    """Mean next-token cross-entropy (nats/token) over ``rows``, split across ranks."""
+    """Mean next-token cross-entropy (nats/token) over ``rows``, split across ranks.
+
+    ``model`` is the bare module, not its DDP wrapper: DDP's forward broadcasts buffers, a collective that
+    ranks with unequal shares of ``rows`` would wait on forever.
+    """
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of NLL, tokens]
     model.eval()
@@ -366,7 +388,8 @@ class RunState:
 class Meter:
     """Metrics and tokens since the last report, and where this step's micro-batches came from."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
         self.interval: list[dict[str, float]] = []  # every micro-batch's metrics since the last report
         self.step: list[tuple[dict[str, float], tuple[int, int, list[int]]]] = []  # (metrics, (epoch, batch, rows))
         self.tokens = self.total_tokens = 0
@@ -393,9 +416,9 @@ class Meter:
                          f"(sequence ids {', '.join(str(dataset[r].get('sequence_id', r)) for r in rows)})"
                          for epoch, index, rows in bad)
 
-    def report(self, step: int, lr: float, device: torch.device) -> dict[str, Any]:
+    def report(self, step: int, lr: float) -> dict[str, Any]:
         """Step, mean metrics and tokens/s (every rank's tokens) since the last report; starts a new interval."""
-        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=device)
+        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)
         if dist.is_initialized():
             dist.all_reduce(tokens)
         now = time.perf_counter()
@@ -491,8 +514,8 @@ def export_student(student: torch.nn.Module, tokenizer_dir: Path | None, folder:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def _result(config: TrainConfig, run: RunState, meter: Meter, started: float, device: torch.device) -> TrainResult:
-    tokens = torch.tensor([float(meter.total_tokens)], dtype=torch.float64, device=device)
+def _result(config: TrainConfig, run: RunState, meter: Meter, started: float) -> TrainResult:
+    tokens = torch.tensor([float(meter.total_tokens)], dtype=torch.float64, device=meter.device)
     if dist.is_initialized():
         dist.all_reduce(tokens)
     val = [e["val_loss"] for e in run.history if "val_loss" in e]
