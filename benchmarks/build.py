@@ -5,11 +5,14 @@
 For each teacher, over the same sequences (the bundled corpus, cut by the same
 code as a build) and the same length-sorted batches:
   (a) bare forward: model(input_ids, attention_mask).logits, nothing else;
+  (a') the forward work a build cannot avoid: the decoder, then the output head
+      over the build's position chunks (never the whole [B, T, V] at once);
   (b) full build: kdstore.build.build() into a fresh store (teacher forward,
       device-side top-K/tail/target, background encode + Parquet write),
       timed from the first unit to the closed store (teacher loading excluded,
       reported separately).
-It prints tokens/s of both and (b)/(a). "100m" is a randomly initialised
+It prints tokens/s of each, (b)/(a) and (b)/(a'): (b)/(a') is the cost of
+top-K, tail, target, encoding and writing on top of the forward itself. "100m" is a randomly initialised
 ~100M-parameter Llama with a 131,072-token vocabulary, saved and loaded with
 save_pretrained / from_pretrained like a real teacher.
 --rss also builds the default corpus and a 10x copy in child processes and
@@ -47,14 +50,21 @@ def make_100m_teacher(folder: Path) -> Path:
     return folder
 
 
-def bare_forward(config: BuildConfig) -> tuple[float, int]:
-    """Seconds and tokens of model(...).logits over the build's sequences and batches."""
+def bare_forward(config: BuildConfig, chunked_head: bool = False) -> tuple[float, int]:
+    """Seconds and tokens of the teacher forward alone over the build's sequences and batches.
+
+    ``chunked_head=False``: model(...).logits, the usual full [B, T, V] forward.
+    ``chunked_head=True``: the work a build cannot avoid -- the decoder once, then the output head over
+    the same position chunks the build uses (kdstore.teacher.teacher_logits_chunks), nothing else.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kdstore.teacher import DTYPES, resolve_device
+    from kdstore.teacher import DTYPES, Teacher, resolve_device, teacher_logits_chunks
 
     device = resolve_device(config.device)
     model = AutoModelForCausalLM.from_pretrained(config.teacher, dtype=DTYPES[config.dtype]).to(device).eval()
+    teacher = Teacher(model=model, device=device, dtype_name=config.dtype, source=config.teacher,
+                      vocab_size=model.get_output_embeddings().weight.shape[0], max_positions=None)
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     units = list(iter_units(config.corpus, config.corpus_config()))
     num_tokens, seconds = 0, 0.0
@@ -70,23 +80,29 @@ def bare_forward(config: BuildConfig) -> tuple[float, int]:
                     ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
                 ids, mask = ids.to(device), mask.to(device)
                 start = time.perf_counter()
-                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                if chunked_head:
+                    for _, _, logits in teacher_logits_chunks(teacher, ids, mask):
+                        del logits  # each chunk is made, then dropped: what the build's head costs
+                else:
+                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                    del logits
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 seconds += time.perf_counter() - start
                 num_tokens += int(mask.sum())
-                del logits
     return seconds, num_tokens
 
 
 def compare(name: str, config: BuildConfig) -> None:
     bare_seconds, bare_tokens = bare_forward(config)
+    chunked_seconds, _ = bare_forward(config, chunked_head=True)
     shutil.rmtree(config.out, ignore_errors=True)
     result = build(config)
-    bare_rate = bare_tokens / bare_seconds
+    bare_rate, chunked_rate = bare_tokens / bare_seconds, bare_tokens / chunked_seconds
     build_rate = result.num_tokens / result.compute_seconds
-    print(f"{name:>8} {config.dtype:>8} {str(config.device):>6} | bare forward {bare_rate:>9,.0f} tok/s | "
-          f"build {build_rate:>9,.0f} tok/s | build/bare {build_rate / bare_rate:.3f} | "
+    print(f"{name:>8} {config.dtype:>8} {str(config.device):>6} | (a) bare forward {bare_rate:>9,.0f} tok/s | "
+          f"(a') decoder + chunked head {chunked_rate:>9,.0f} tok/s | (b) build {build_rate:>9,.0f} tok/s | "
+          f"b/a {build_rate / bare_rate:.3f} | b/a' {build_rate / chunked_rate:.3f} | "
           f"{result.num_tokens} tokens, teacher load {result.seconds - result.compute_seconds:.1f} s")
 
 
