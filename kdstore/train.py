@@ -51,8 +51,9 @@ from torch.utils.data import Dataset
 from kdstore.collate import IGNORE_INDEX, Collator, widen
 from kdstore.errors import KdstoreError
 from kdstore.loader import MemoryMappedDataset, make_dataloader, set_epoch
-from kdstore.losses import LossConfig, TaidState, distillation_loss
+from kdstore.losses import LossConfig, distillation_loss
 from kdstore.shuffle import PlanConfig
+from kdstore.taid import TaidState
 from kdstore.teacher import resolve_device
 
 CHECKPOINT_NAME = "checkpoint.pt"
