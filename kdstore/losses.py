@@ -317,6 +317,42 @@ def _forward_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], conf
     return [share, kd_sum, ce_sum], gradient
 
 
+def _sampled_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], config: LossConfig, taid_t: float,
+                      total_weight: torch.Tensor, *, wants_gradient: bool) -> Any:
+    """sampled_kl (+ CE mixing) on one chunk with its gradient by hand. Both modes are a cross-entropy against a
+    sparse target w over ids, -sum_i w_i log q_i = W lse(z) - sum_i w_i z_i (W = sum_i w_i), whose gradient is
+    W q - w: mode "full" w = counts / N; mode "tail" w = p on the top-K ids and p_tail counts / N on the drawn
+    tail ids (``sampled_cross_entropy`` has the estimator; tests compare this with autograd through it)."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    weights, mix = parts["weights"].to(dtype), config.ce_weight
+    keep = weights > 0
+    teacher = _clean(parts, keep)
+    counts = teacher["sampled_counts"].to(dtype)
+    ids, share = teacher["sampled_ids"], counts / counts.sum(-1, keepdim=True).clamp(min=1.0)
+    if config.sampled_mode == "tail":
+        num_kept = teacher["topk_ids"].shape[-1]
+        with_tail = logits.shape[-1] > num_kept
+        buckets = _teacher(teacher, dtype, 1.0, with_tail).exp()
+        tail = buckets[:, num_kept:num_kept + 1] if with_tail else torch.zeros_like(buckets[:, :1])
+        ids, share = torch.cat([teacher["topk_ids"], ids], -1), torch.cat([buckets[:, :num_kept], tail * share], -1)
+    z = logits.to(dtype)
+    lse = z.logsumexp(-1, keepdim=True)
+    labels = teacher["labels"].clamp(min=0).unsqueeze(-1)
+    kd = (share.sum(-1, keepdim=True) * lse - (share * z.gather(-1, ids)).sum(-1, keepdim=True)).squeeze(-1)
+    ce = (lse - z.gather(-1, labels)).squeeze(-1)
+    kd_sum, ce_sum = torch.where(keep, kd * weights, 0.0).sum(), torch.where(keep, ce * weights, 0.0).sum()
+    loss_share = ((1 - mix) * kd_sum + mix * ce_sum) / total_weight
+    if not wants_gradient:
+        return [loss_share, kd_sum, ce_sum], None
+    gradient = (z - lse).exp_().mul_((1 - mix) * share.sum(-1, keepdim=True) + mix)  # (1-mix) W q + mix q
+    gradient.scatter_add_(-1, ids, share.mul(-(1 - mix)))
+    if mix:
+        gradient.scatter_add_(-1, labels, torch.full_like(labels, -mix, dtype=dtype))
+    gradient.mul_((torch.where(keep, weights, 0.0) / total_weight).unsqueeze(-1))
+    gradient[~keep] = 0.0
+    return [loss_share, kd_sum, ce_sum], gradient
+
+
 class _ChunkedLoss(torch.autograd.Function):
     """Runs a per-chunk loss over chunks of positions and, when a gradient is wanted, back-propagates each chunk
     at once into one gradient buffer shaped like the logits. So only one chunk's fp32 intermediates live at a time,
@@ -472,4 +508,4 @@ def _dense_kl_sums(student_logits: torch.Tensor, per_position: dict[str, torch.T
 
 
 # losses with a hand-written chunk gradient; the others go through autograd (tests compare the two)
-_FUSED: dict[str, Callable[..., Any]] = {"forward_kl": _forward_kl_fused}
+_FUSED: dict[str, Callable[..., Any]] = {"forward_kl": _forward_kl_fused, "sampled_kl": _sampled_kl_fused}
