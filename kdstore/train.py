@@ -102,6 +102,13 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader workers per rank
     device: str = "auto"
 
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.val_store and not 0 < self.val_fraction < 1:
+            raise TrainError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+
     def flat(self) -> dict[str, Any]:
         """Every field, the loss's as ``loss.<name>``: what a resumed run is compared on."""
         values = asdict(self)
