@@ -145,20 +145,27 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
 @store_argument
 @click.option("--to", "target", type=click.Choice(["arrow"]), required=True, help="What to convert the store to.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
-              help="Folder for the copy. [default: STORE/_cache/arrow]")
-def convert(store: str, target: str, cache_dir: str | None) -> None:
+              help="Folder for the copy. [default: STORE/_cache/arrow; required for a remote STORE]")
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for a remote STORE (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")
+def convert(store: str, target: str, cache_dir: str | None, storage_options: tuple[str, ...]) -> None:
     """Write the uncompressed Arrow copy that the memory-mapped loader reads (otherwise made on first use).
 
-    The copy is checked against the manifest's sha256s, written atomically and
-    reused until the shards change.
+    STORE is a folder or an fsspec URL (s3://, gs://, ...). The copy is checked
+    against the manifest's sha256s, written atomically and reused until the
+    shards change.
 
     \b
     Example:
       kdstore convert my-store --to arrow
+      kdstore convert s3://bucket/store --to arrow --cache-dir /scratch/kd --storage-option endpoint_url=http://minio:9000
     """
     from kdstore.loader import convert_to_arrow
 
-    path = convert_to_arrow(store, cache_dir)
+    options = dict(option.split("=", 1) for option in storage_options if "=" in option)
+    if len(options) != len(storage_options):
+        raise click.BadParameter("each --storage-option is KEY=VALUE", param_hint="--storage-option")
+    path = convert_to_arrow(store, cache_dir, options or None)
     click.echo(f"{target} copy: {path} ({path.stat().st_size:,} bytes)")
 
 

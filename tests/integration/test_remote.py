@@ -112,3 +112,19 @@ def test_the_arrow_copy_of_an_s3_store_refuses_a_missing_or_changed_shard(s3, st
     with pytest.raises(ShardMissingError, match=f"shard {shards[0]} listed in the manifest is missing from {url}"):
         MemoryMappedDataset(url, cache_dir=tmp_path / "cache", storage_options=options)
     assert not list((tmp_path / "cache").glob("store-*"))  # nothing that looks complete
+
+
+def test_cli_convert_of_an_s3_store_takes_storage_options_and_writes_the_local_copy(s3, stores, tmp_path):
+    from click.testing import CliRunner
+
+    from kdstore.cli.main import cli
+
+    _, options = s3
+    local, url = stores
+    flags = [f"--storage-option={key}={value}" for key, value in options.items()]
+    result = CliRunner().invoke(cli, ["convert", url, "--to", "arrow", "--cache-dir", str(tmp_path / "c"), *flags])
+    assert result.exit_code == 0, result.output
+    copies = list((tmp_path / "c").glob("store-*.arrow"))
+    assert len(copies) == 1 and copies[0].read_bytes() == convert_to_arrow(local).read_bytes()
+    bad = CliRunner().invoke(cli, ["convert", url, "--to", "arrow", "--cache-dir", str(tmp_path / "c"), "--storage-option", "x"])
+    assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
