@@ -1,6 +1,6 @@
 """Fidelity: does distilling from a stored sparse teacher match online full-vocabulary KD?
 
-    .venv/bin/python benchmarks/fidelity.py                       # 7.4 min on 2 quiet CPU cores (docs/fidelity.md)
+    .venv/bin/python benchmarks/fidelity.py                       # 3-7 min on 2 shared CPU cores (docs/fidelity.md)
     .venv/bin/python benchmarks/fidelity.py --steps 20 --quick    # smoke run, a minute or two
 
 With the bundled teacher and a smaller student (a 2-layer, 64-wide Llama, ~0.39M parameters, same
