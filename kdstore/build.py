@@ -218,6 +218,7 @@ def _batches(sequences: list[Any], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+@torch.inference_mode()  # the chunks' logits are inference tensors; sparsify works on them in place
 def run_teacher(teacher: Teacher, sequences: list[Any], config: BuildConfig) -> list[dict[str, Any]]:
     """Teacher outputs for ``sequences`` (in their order): dicts of host arrays, ready to encode."""
     rows: list[dict[str, Any]] = [{} for _ in sequences]
@@ -233,7 +234,7 @@ def run_teacher(teacher: Teacher, sequences: list[Any], config: BuildConfig) -> 
             if config.sampled_draws else None
         parts: list[dict[str, np.ndarray]] = []
         for r, p, logits in teacher_logits_chunks(teacher, ids, mask):
-            sparse = sparsify(logits, ids[r, p + 1], config.k)
+            sparse = sparsify(logits, ids[r, p + 1], config.k, overwrite=uniforms is None)  # draws need the logits
             if not torch.isfinite(sparse.pop("lse")).all():
                 bad = int(r[0]) if len(r) else 0
                 raise BuildError(f"the teacher produced NaN or inf logits for sequence {sequences[batch[bad]].sequence_id}",

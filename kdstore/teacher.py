@@ -120,12 +120,20 @@ def teacher_logits_chunks(teacher: Teacher, input_ids: torch.Tensor, attention_m
         yield r, p, head(hidden[r, p]).float()
 
 
-def sparsify(logits: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """fp32 logits [N, V], next-token ids [N] -> top-K ids/log-probs [N, K], tail [N], target [N] (on device)."""
-    lse = torch.logsumexp(logits, dim=-1)
+def sparsify(logits: torch.Tensor, targets: torch.Tensor, k: int, overwrite: bool = False) -> dict[str, torch.Tensor]:
+    """fp32 logits [N, V], next-token ids [N] -> top-K ids/log-probs [N, K], tail [N], target [N] (on device).
+
+    ``overwrite=True`` lets the log-sum-exp work in the logits' own memory (they hold exp(logit - max)
+    afterwards): torch.logsumexp allocates an [N, V] temporary, and with V = 128k on a CPU that costs as
+    much again as the arithmetic (111 vs 55 ms for 512 positions).
+    """
     values, ids = torch.topk(logits, k, dim=-1, sorted=False)
+    target_logit = logits.gather(1, targets[:, None]).squeeze(1)
+    row_max = values.amax(dim=-1, keepdim=True)  # the top-1 logit: the row's max
+    scratch = logits if overwrite else logits.clone()
+    lse = (row_max + scratch.sub_(row_max).exp_().sum(dim=-1, keepdim=True).log()).squeeze(1)
     topk_logprobs = values - lse[:, None]
-    target = logits.gather(1, targets[:, None]).squeeze(1) - lse
+    target = target_logit - lse
     head_mass = torch.logsumexp(topk_logprobs.double(), dim=-1)
     tail = torch.log(-torch.expm1(head_mass.clamp(max=0.0)))  # log(1 - sum p); -inf when K = V
     return {"topk_ids": ids, "topk_logprobs": topk_logprobs, "tail_logmass": tail.float(),
