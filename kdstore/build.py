@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from kdstore.codec import CodecConfig, encode_positions
+from kdstore.config_file import read_toml_config
 from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, tokenize_unit
 from kdstore.errors import KdstoreError
 from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table, sha256_named_files
@@ -335,20 +336,8 @@ def _launcher_partition(values: dict[str, Any]) -> dict[str, int]:
 
 def resolved_config(overrides: dict[str, Any], config_file: str | None) -> BuildConfig:
     """Defaults < TOML file < explicit overrides (flags)."""
-    values: dict[str, Any] = {}
-    if config_file:
-        try:
-            import tomllib
-        except ModuleNotFoundError:  # Python 3.10
-            import tomli as tomllib  # type: ignore[no-redef]
-        try:
-            values.update(tomllib.loads(Path(config_file).read_text()))
-        except (OSError, tomllib.TOMLDecodeError) as exc:
-            raise BuildError(f"cannot read config {config_file}: {exc}") from None
-        unknown = set(values) - BuildConfig.field_names()
-        if unknown:
-            raise BuildError(f"{config_file} has unknown keys: {', '.join(sorted(unknown))}",
-                             hint=f"known keys: {', '.join(sorted(BuildConfig.field_names()))}")
+    values: dict[str, Any] = (read_toml_config(config_file, BuildError, known_fields=BuildConfig.field_names())
+                              if config_file else {})
     values.update({k: v for k, v in overrides.items() if v is not None})
     values.update(_launcher_partition(values))
     if "corpus" in values:

@@ -22,10 +22,11 @@ The recipe (``train`` below):
    ``config.loss``), gradient clipping; a NaN or inf loss or gradient stops the run (naming the step and
    the batch) before the optimizer touches the weights, so the last checkpoint stays the last good one.
 6. Every ``val_every`` steps the validation cross-entropy; every ``checkpoint_every`` steps (and at the
-   end) RUN_DIR/checkpoint.pt, written atomically: model, optimizer, scheduler, every rank's loader
-   state and RNG, TAID state, step, epoch and the resolved config. ``resume`` continues exactly
-   (bit for bit on CPU) and refuses a config that differs in anything but RESUME_MAY_CHANGE.
-7. At the end RUN_DIR/student/: the student (``save_pretrained``) with the store's tokenizer.
+   end) RUN_DIR/checkpoint.pt, written atomically by ``kdstore.checkpoint``: model, optimizer, scheduler,
+   every rank's loader state and RNG, TAID state, step, epoch and the resolved config. ``resume``
+   continues exactly (bit for bit on CPU) and refuses a config that differs in anything but
+   RESUME_MAY_CHANGE.
+7. At the end RUN_DIR/student/: the student (``save_pretrained``) with the store's tokenizer (``export_student``).
 """
 
 from __future__ import annotations
@@ -34,8 +35,6 @@ import contextlib
 import hashlib
 import math
 import os
-import random
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -48,7 +47,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from kdstore.checkpoint import (
+    CHECKPOINT_NAME,
+    STUDENT_DIR,
+    Trainables,
+    config_differences,
+    export_student,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from kdstore.collate import IGNORE_INDEX, Collator, widen
+from kdstore.config_file import read_toml_config
 from kdstore.errors import KdstoreError
 from kdstore.loader import MemoryMappedDataset, make_dataloader, set_epoch
 from kdstore.losses import LossConfig, distillation_loss
@@ -56,8 +66,6 @@ from kdstore.shuffle import PlanConfig
 from kdstore.taid import TaidState
 from kdstore.teacher import resolve_device
 
-CHECKPOINT_NAME = "checkpoint.pt"
-STUDENT_DIR = "student"
 RESUME_MAY_CHANGE = ("out", "device", "log_every")  # fields that do not change what is computed
 
 
@@ -117,7 +125,7 @@ class TrainConfig:
 
 def resolved_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
     """Defaults < TOML file < explicit overrides (flags; ``loss`` is the loss name, ``ce_weight`` its CE weight)."""
-    values: dict[str, Any] = _read_toml(config_file) if config_file else {}
+    values: dict[str, Any] = read_toml_config(config_file, TrainError) if config_file else {}  # keys checked below
     loss = dict(values.pop("loss", {}))
     given = {k: v for k, v in overrides.items() if v is not None}
     loss.update({k: given.pop(n) for n, k in (("loss", "name"), ("ce_weight", "ce_weight")) if n in given})
@@ -132,17 +140,6 @@ def resolved_config(overrides: dict[str, Any], config_file: str | None = None) -
         if not values.get(name):
             raise TrainError(f"no {name} given", hint=f"pass --{name} or set {name} in the TOML file")
     return TrainConfig(**values, loss=LossConfig(**loss))
-
-
-def _read_toml(path: str) -> dict[str, Any]:
-    try:
-        import tomllib
-    except ModuleNotFoundError:  # Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    try:
-        return tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise TrainError(f"cannot read config {path}: {exc}") from None
 
 
 @dataclass
@@ -174,9 +171,10 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
                                       weight_decay=config.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config))
         taid = TaidState(config.loss) if config.loss.name == "taid" else None
+        trainables = Trainables(student, optimizer, scheduler, loader, taid)
         run = RunState()
         if resume:
-            run = load_checkpoint(config, world, rank, student, optimizer, scheduler, loader, taid)
+            run = resume_run(config, world, rank, trainables)
             say(f"resumed {config.out} at step {run.step}")
         elif Path(config.out, CHECKPOINT_NAME).exists():
             raise TrainError(f"{config.out} already holds a checkpoint", hint="pass --resume, or pick a new --out")
@@ -212,7 +210,8 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             say(report(config, run, meter, scheduler.get_last_lr()[0], lambda: validation_loss(
                 student, data.val_dataset, data.val_rows, data.val_collate, config.batch_size, device)))  # 6
             if _due(run.step, config.checkpoint_every, config):
-                save_checkpoint(config, run, student, optimizer, scheduler, loader, taid, rank)
+                save_checkpoint(Path(config.out, CHECKPOINT_NAME), {"config": config.flat(), **asdict(run)},
+                                trainables, rank)
         if rank == 0:  # 7
             export_student(student, data.dataset.store.tokenizer_path, Path(config.out, STUDENT_DIR))
         result = _result(config, run, meter, started)
@@ -436,90 +435,25 @@ class Meter:
         return entry
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(config: TrainConfig, run: RunState, student: torch.nn.Module, optimizer: Any, scheduler: Any,
-                    loader: Any, taid: TaidState | None, rank: int) -> None:
-    """RUN_DIR/checkpoint.pt, atomically (temporary name, fsync, rename). Every rank calls it; rank 0 writes."""
-    ranks = [{"loader": loader.state_dict(), "rng": _rng_state()}]
-    if dist.is_initialized():
-        mine, ranks = ranks[0], [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
-    if rank != 0:
-        return
-    state = {"config": config.flat(), "world_size": len(ranks), "step": run.step, "epoch": run.epoch,
-             "batches_in_epoch": run.batches_in_epoch, "history": run.history, "model": student.state_dict(),
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-             "taid": taid.state_dict() if taid is not None else None, "ranks": ranks}
-    path = Path(config.out, CHECKPOINT_NAME)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def load_checkpoint(config: TrainConfig, world: int, rank: int, student: torch.nn.Module, optimizer: Any,
-                    scheduler: Any, loader: Any, taid: TaidState | None) -> RunState:
-    """Restore everything ``save_checkpoint`` wrote; refuse a config that differs from the checkpoint's."""
+def resume_run(config: TrainConfig, world: int, rank: int, trainables: Trainables) -> RunState:
+    """Restore RUN_DIR/checkpoint.pt into ``trainables``; refuse a config that differs from the checkpoint's."""
     path = Path(config.out, CHECKPOINT_NAME)
     if not path.is_file():
         raise TrainError(f"nothing to resume: {path} does not exist", hint="drop --resume to start the run")
-    saved = torch.load(path, map_location="cpu", weights_only=False)  # our own file: RNG states are not tensors
-    now = config.flat()
-    differ = [f"{k} = {saved['config'].get(k)!r} in the checkpoint, {now.get(k)!r} now"
-              for k in sorted(set(now) | set(saved["config"])) if k not in RESUME_MAY_CHANGE
-              and saved["config"].get(k) != now.get(k)]
+    saved = read_checkpoint(path)
+    differ = config_differences(saved["config"], config.flat(), RESUME_MAY_CHANGE)
     if differ:
         raise ResumeMismatchError(f"{path} was written with other settings: {'; '.join(differ)}")
     if saved["world_size"] != world:
         raise ResumeMismatchError(f"{path} was written by {saved['world_size']} rank(s), this run has {world}")
-    student.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if taid is not None:
-        taid.load_state_dict(saved["taid"])
-    loader.load_state_dict(saved["ranks"][rank]["loader"])
-    _set_rng_state(saved["ranks"][rank]["rng"])
-    return RunState(saved["step"], saved["epoch"], saved["batches_in_epoch"], saved["history"])
+    return RunState(**restore_checkpoint(saved, rank, trainables))
 
 
 def _last_checkpoint(config: TrainConfig) -> str:
     path = Path(config.out, CHECKPOINT_NAME)
     if not path.is_file():
         return "none (no checkpoint was written yet)"
-    return f"{path} (step {torch.load(path, map_location='cpu', weights_only=False)['step']})"
-
-
-def export_student(student: torch.nn.Module, tokenizer_dir: Path | None, folder: Path) -> None:
-    """``save_pretrained`` plus the store's tokenizer into ``folder``, replacing it only once complete."""
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
-    for path in tokenizer_dir.iterdir() if tokenizer_dir else ():
-        shutil.copy2(path, tmp / path.name)
-    old = folder.with_name(f"{folder.name}.old-{os.getpid()}")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    return f"{path} (step {read_checkpoint(path)['step']})"
 
 
 def _result(config: TrainConfig, run: RunState, meter: Meter, started: float) -> TrainResult:
