@@ -50,7 +50,8 @@ REPO = Path(__file__).resolve().parents[1]
 # store name -> BuildConfig fields. K=1 is the codec's minimum head; the sampled variants ignore it.
 STORES = {"k8": {"k": 8}, "k32": {"k": 32}, "k64": {"k": 64},
           "sampled16": {"k": 1, "sampled_draws": 16}, "sampled64": {"k": 1, "sampled_draws": 64},
-          "k8+tail16": {"k": 8, "sampled_draws": 16, "sampled_mode": "tail"}}
+          "k8+tail16": {"k": 8, "sampled_draws": 16, "sampled_mode": "tail"},
+          "sampled128": {"k": 1, "sampled_draws": 128}, "k16+tail64": {"k": 16, "sampled_draws": 64, "sampled_mode": "tail"}}
 # variant -> (store, loss): "ce" and "online" read only input ids (from the k8 store)
 VARIANTS = {
     "(a) ce": ("k8", "ce"),
@@ -61,6 +62,8 @@ VARIANTS = {
     "(d) sampled 16 draws": ("sampled16", LossConfig("sampled_kl")),
     "(d) sampled 64 draws": ("sampled64", LossConfig("sampled_kl")),
     "(e) top-8 + 16 tail draws": ("k8+tail16", LossConfig("sampled_kl", sampled_mode="tail")),
+    "(d) sampled 128 draws": ("sampled128", LossConfig("sampled_kl")),
+    "(e) top-16 + 64 tail draws": ("k16+tail64", LossConfig("sampled_kl", sampled_mode="tail")),
 }
 QUICK = ("(a) ce", "(b) online full KD", "(c) top-64 + tail", "(d) sampled 16 draws")
 
@@ -217,10 +220,13 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=10)
     parser.add_argument("--workdir", default="/tmp/kdstore-fidelity", help="stores are kept here and reused")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated variant names to run (default: all); (a) and (b) are always run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    variants = {k: v for k, v in VARIANTS.items() if not args.quick or k in QUICK}
+    chosen = None if args.variants is None else {v.strip() for v in args.variants.split(",")} | set(QUICK[:2])
+    variants = {k: v for k, v in VARIANTS.items() if (not args.quick or k in QUICK) and (chosen is None or k in chosen)}
     VARIANTS.clear()
     VARIANTS.update(variants)
     stores = build_stores(Path(args.workdir), {store for store, _ in variants.values()}, args.seq_len)
