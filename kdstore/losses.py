@@ -185,11 +185,12 @@ def _by_autograd(function: Callable[..., tuple[torch.Tensor, ...]]) -> Callable[
 
 def _forward_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], config: LossConfig, taid_t: float,
                       total_weight: torch.Tensor, *, wants_gradient: bool) -> Any:
-    """forward_kl (+ CE mixing) on one chunk with its gradient written out by hand: ~6 passes over [N, V] where
-    autograd through the generic ops makes ~20 (3.1-3.8x F.cross_entropy's cost, one thread; this: 1.05-1.45x). Same values and
-    gradient as ``_by_autograd(_weighted_sums)`` (tests/unit/test_losses.py compares them).
+    """forward_kl (+ CE mixing) on one chunk with its gradient written out by hand, in one [N, V] buffer and
+    about four passes over it, where autograd through the generic ops makes ~20 (3.1-3.8x F.cross_entropy's
+    cost, one thread). Same values and gradient as ``_by_autograd(_weighted_sums)`` (tests compare them).
 
-    d KL(p || q) / d z_j = (q_j - r_j) / tau with r_j = p_j on a top-K id and p_tail q_j / q_tail on a tail id.
+    With e_j = exp(z_j / tau - max) and s = sum_j e_j: d KL(p || q) / d z_j = (q_j - r_j) / tau, where r_j = p_j
+    on a top-K id and p_tail e_j / e_tail on a tail id, so a tail id's gradient is e_j (1 / s - p_tail / e_tail).
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
     weights, tau, mix = parts["weights"].to(dtype), config.temperature, config.ce_weight
@@ -197,23 +198,25 @@ def _forward_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], conf
     teacher = _clean(parts, keep)
     ids, num_kept = teacher["topk_ids"], teacher["topk_ids"].shape[-1]
     with_tail = logits.shape[-1] > num_kept
-    scaled = logits.to(dtype) / tau if tau != 1 else logits.to(dtype)
-    lse = scaled.logsumexp(-1, keepdim=True)
-    q = (scaled - lse).exp_()
+    scaled = logits.to(dtype) / tau if tau != 1 else logits.to(dtype)  # may alias the caller's logits: not in place
+    row_max = scaled.amax(-1, keepdim=True)
+    e = (scaled - row_max).exp_()  # the one [N, V] buffer
+    head_e = e.gather(-1, ids)
+    e.scatter_(-1, ids, 0.0)  # from here e holds the tail ids' terms only: their sum has no cancellation
+    tail_e = e.sum(-1, keepdim=True) if with_tail else torch.zeros_like(row_max)
+    log_s = (tail_e + head_e.sum(-1, keepdim=True)).log()
+    lse = row_max + log_s
     log_q = scaled.gather(-1, ids) - lse
     target = _teacher(teacher, dtype, tau, with_tail)
     p = target.exp()
+    tiny = torch.zeros_like(keep)
     if with_tail:
-        tail_q = q.scatter(-1, ids, 0.0)  # summing only tail ids: no cancellation against the head
-        log_q_tail = tail_q.sum(-1).log()
-        tail_scale = (target[:, num_kept] - log_q_tail).exp()  # p_tail / q_tail: r = tail_q * tail_scale on tail ids
-        tiny = log_q_tail < math.log(torch.finfo(dtype).tiny) + 20  # tail ids underflowed: redo those rows in logs
+        log_q_tail = tail_e.log() - log_s
+        tiny = (tail_e < torch.finfo(dtype).tiny * 2**20).squeeze(-1)  # tail terms underflowed: redo in logs
         if tiny.any():
-            log_tail_q = scaled[tiny].scatter(-1, ids[tiny], -math.inf) - lse[tiny]
-            log_q_tail[tiny] = log_tail_q.logsumexp(-1)
-            tail_q[tiny] = (log_tail_q - log_q_tail[tiny, None]).exp()  # these rows hold q_j / q_tail instead
-            tail_scale[tiny] = p[tiny, num_kept]
-        log_q = torch.cat([log_q, log_q_tail.unsqueeze(-1)], -1)
+            log_tail = scaled[tiny].scatter(-1, ids[tiny], -math.inf) - lse[tiny]
+            log_q_tail[tiny] = log_tail.logsumexp(-1, keepdim=True)
+        log_q = torch.cat([log_q, log_q_tail], -1)
     kd = (p * (target - log_q)).sum(-1)
     labels = teacher["labels"].clamp(min=0).unsqueeze(-1)
     lse_ce = lse if tau == 1 else logits.to(dtype).logsumexp(-1, keepdim=True)
@@ -222,15 +225,25 @@ def _forward_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], conf
     share = ((1 - mix) * tau ** 2 * kd_sum + mix * ce_sum) / total_weight
     if not wants_gradient:
         return [share, kd_sum, ce_sum], None
-    # r: the teacher's share of each student id; tail ids split p_tail in proportion to q (tail_q's buffer reused)
-    r = tail_q.mul_(tail_scale.unsqueeze(-1)) if with_tail else torch.zeros_like(q)
-    r.scatter_(-1, ids, p[:, :num_kept])
-    gradient = q.sub_(r).mul_((1 - mix) * tau)  # d [(1 - mix) tau^2 KL] / d z
+    row_weight = (torch.where(keep, weights, 0.0) / total_weight).unsqueeze(-1)
+    kd_factor = (1 - mix) * tau * row_weight  # d [(1 - mix) tau^2 KL] / d z = (1 - mix) tau (q - r)
+    ce_mixed_in = mix and tau == 1  # CE's softmax is q itself: fold it into the same pass
+    inverse_s = torch.exp(-log_s)
+    tail_coef = kd_factor * (inverse_s - (p[:, num_kept:] if with_tail else 0.0) / tail_e.clamp(min=torch.finfo(dtype).tiny))
+    if ce_mixed_in:
+        tail_coef = tail_coef + mix * row_weight * inverse_s
+    gradient = e.mul_(tail_coef)
+    head_q = log_q[:, :num_kept].exp()
+    head = kd_factor * (head_q - p[:, :num_kept]) + (mix * row_weight * head_q if ce_mixed_in else 0.0)
+    gradient.scatter_(-1, ids, head)
+    if tiny.any():  # rows whose tail terms underflowed: each tail id takes its share of p_tail, from logs
+        shares = (scaled[tiny] - lse[tiny] - log_q_tail[tiny]).exp().scatter_(-1, ids[tiny], 0.0)
+        rows = -kd_factor[tiny] * p[tiny, num_kept:] * shares
+        gradient[tiny] = rows.scatter_(-1, ids[tiny], head[tiny])
+    if mix and not ce_mixed_in:
+        gradient.add_((logits.to(dtype) - lse_ce).exp_().mul_(mix * row_weight))
     if mix:
-        softmax = (logits.to(dtype) - lse_ce).exp_()
-        softmax.scatter_add_(-1, labels, torch.full_like(labels, -1.0, dtype=dtype))
-        gradient.add_(softmax, alpha=mix)
-    gradient.mul_((torch.where(keep, weights, 0.0) / total_weight).unsqueeze(-1))
+        gradient.scatter_add_(-1, labels, -mix * row_weight.expand_as(labels).to(dtype))
     gradient[~keep] = 0.0  # a position that does not count gets no gradient, whatever its logits hold
     return [share, kd_sum, ce_sum], gradient
 
