@@ -90,7 +90,7 @@ def test_torchrun_ranks_build_the_partitions_of_one_store(tmp_path, tiny_teacher
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     done = subprocess.run([*torchrun, "-m", "kdstore.cli.main", "build", str(corpus), "--out", str(tmp_path / "ranks"),
                            *common], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:6000]
     assert sorted(p.name for p in (tmp_path / "ranks" / "_partitions").iterdir()) == ["part-00000.json", "part-00001.json"]
     assert store_rows(tmp_path / "one") == store_rows(tmp_path / "ranks")
     assert open_store(tmp_path / "ranks").verify() == []
