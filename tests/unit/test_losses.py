@@ -161,57 +161,50 @@ def test_student_tail_bucket_stays_exact_when_the_head_holds_all_but_1e_12_of_th
     assert metrics["kd"] == pytest.approx(expected.item(), rel=1e-5)
 
 
+def assert_fused_matches_autograd(monkeypatch, student: torch.Tensor, batch: dict, config: LossConfig,
+                                  weights: torch.Tensor) -> torch.Tensor:
+    """The loss, metrics and gradient of the hand-written chunk equal autograd's through the generic ops
+    (float64); returns the hand-written gradient."""
+    import kdstore.losses as losses
+
+    def run() -> tuple[torch.Tensor, torch.Tensor, dict]:
+        logits = student.clone().requires_grad_(True)
+        loss, metrics = distillation_loss(logits, batch, config, token_weights=weights)
+        loss.backward()
+        return loss.detach(), logits.grad, metrics
+
+    assert config.name in losses._FUSED
+    fused = run()
+    monkeypatch.setattr(losses, "_FUSED", {})
+    generic = run()
+    assert torch.allclose(fused[0], generic[0], rtol=1e-10, atol=1e-12)
+    assert torch.allclose(fused[1], generic[1], rtol=1e-8, atol=1e-12)
+    assert fused[2] == pytest.approx(generic[2], rel=1e-10)
+    return fused[1]
+
+
 @pytest.mark.parametrize("k", [4, 11])
 @pytest.mark.parametrize("temperature, ce_weight", [(1.0, 0.0), (1.0, 0.3), (2.0, 0.0), (0.5, 0.7)])
 def test_hand_written_forward_kl_gradient_equals_autograd_through_the_generic_ops(monkeypatch, k, temperature, ce_weight):
-    import kdstore.losses as losses
-
     student, _, batch = make_case(seed=23, k=k, batch_size=3, num_tokens=6)
     student = student.double()
     student[0, 0] = 0.0
     student[0, 0].scatter_(-1, batch["topk_ids"][0, 0], 400.0)  # tail ids ~e^-400: underflows outside log space
     weights = torch.rand(student.shape[:2], generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     config = LossConfig(temperature=temperature, ce_weight=ce_weight, chunk_positions=7)
-
-    def run() -> tuple[torch.Tensor, torch.Tensor, dict]:
-        logits = student.clone().requires_grad_(True)
-        loss, metrics = distillation_loss(logits, batch, config, token_weights=weights)
-        loss.backward()
-        return loss.detach(), logits.grad, metrics
-
-    fused = run()
-    monkeypatch.setattr(losses, "_FUSED", {})
-    generic = run()
-    assert torch.allclose(fused[0], generic[0], rtol=1e-10, atol=1e-12)
-    assert torch.allclose(fused[1], generic[1], rtol=1e-8, atol=1e-12)
-    assert fused[2] == pytest.approx(generic[2], rel=1e-10)
-    assert torch.isfinite(fused[1]).all() and fused[1][-1, -1].abs().max() == 0  # masked position: no gradient
+    gradient = assert_fused_matches_autograd(monkeypatch, student, batch, config, weights)
+    assert torch.isfinite(gradient).all() and gradient[-1, -1].abs().max() == 0  # masked position: no gradient
 
 
 @pytest.mark.parametrize("k", [4, 11])
 @pytest.mark.parametrize("mode", ["full", "tail"])
 @pytest.mark.parametrize("ce_weight", [0.0, 0.4])
 def test_hand_written_sampled_kl_gradient_equals_autograd_through_the_estimator(monkeypatch, k, mode, ce_weight):
-    import kdstore.losses as losses
-
     student, teacher, batch = make_case(seed=29, k=k, batch_size=3, num_tokens=6)
     batch = add_draws(batch, teacher, num_draws=12, mode=mode)
-    student = student.double()
     weights = torch.rand(student.shape[:2], generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     config = LossConfig(name="sampled_kl", sampled_mode=mode, ce_weight=ce_weight, chunk_positions=7)
-
-    def run() -> tuple[torch.Tensor, torch.Tensor, dict]:
-        logits = student.clone().requires_grad_(True)
-        loss, metrics = distillation_loss(logits, batch, config, token_weights=weights)
-        loss.backward()
-        return loss.detach(), logits.grad, metrics
-
-    fused = run()
-    monkeypatch.setattr(losses, "_FUSED", {})
-    generic = run()
-    assert torch.allclose(fused[0], generic[0], rtol=1e-10, atol=1e-12)
-    assert torch.allclose(fused[1], generic[1], rtol=1e-8, atol=1e-12)
-    assert fused[2] == pytest.approx(generic[2], rel=1e-10)
+    assert_fused_matches_autograd(monkeypatch, student.double(), batch, config, weights)
 
 
 def test_missing_tail_column_is_inferred_from_the_top_k():
