@@ -63,8 +63,10 @@ class Teacher:
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":  # under torchrun, rank r of a node takes GPU LOCAL_RANK
-        local_rank = os.environ.get("LOCAL_RANK", "0")
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() and local_rank.isdigit() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        return torch.device(f"cuda:{local_rank}" if local_rank.isdigit() else "cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TeacherError(f"--device {name} asked for CUDA, but torch sees no GPU", hint="use --device cpu or auto")
     return torch.device(name)
