@@ -23,7 +23,7 @@ al. 2015); the CE term uses the student at tau = 1.
 Memory: positions run in chunks of ``chunk_positions``; each chunk's gradient is computed right away into one
 buffer shaped like the logits (what backward would allocate anyway), so the extra memory is that buffer plus a
 few [chunk, V] fp32 tensors, whatever B * T. The loss is differentiable once (no double backward).
-forward_kl and sampled_kl write each chunk's gradient by hand (0.7x and 1.04x the cost of F.cross_entropy
+forward_kl and sampled_kl write each chunk's gradient by hand (0.7-1.0x and 1.04x the cost of F.cross_entropy
 forward + backward on the same logits, one CPU thread, V = 4096, K = 64); the other losses go through
 autograd (about 3-4x). The per-bucket divergences live in kdstore.divergences.
 """
@@ -156,9 +156,16 @@ def _weighted_sums(student_logits: torch.Tensor, teacher: dict[str, torch.Tensor
     weights = teacher["weights"]
     keep = weights > 0
     kd, ce = position_losses(student_logits, _clean(teacher, keep), config, taid_t)
+    return tuple(_reduce(kd, ce, weights, keep, config, total_weight))
+
+
+def _reduce(kd: torch.Tensor, ce: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor, config: LossConfig,
+            total_weight: torch.Tensor) -> list[torch.Tensor]:
+    """Per-position kd [N] and ce [N] -> [the chunk's share of the loss, sum of weight * kd, sum of weight * ce]:
+    loss = ((1 - ce_weight) tau^2 sum w kd + ce_weight sum w ce) / total weight; positions not kept add 0."""
     kd_sum, ce_sum = torch.where(keep, kd * weights, 0.0).sum(), torch.where(keep, ce * weights, 0.0).sum()
     share = ((1 - config.ce_weight) * config.temperature ** 2 * kd_sum + config.ce_weight * ce_sum) / total_weight
-    return share, kd_sum, ce_sum
+    return [share, kd_sum, ce_sum]
 
 
 def _clean(teacher: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -221,10 +228,9 @@ def _forward_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], conf
     labels = teacher["labels"].clamp(min=0).unsqueeze(-1)
     lse_ce = lse if tau == 1 else logits.to(dtype).logsumexp(-1, keepdim=True)
     ce = (lse_ce - logits.to(dtype).gather(-1, labels)).squeeze(-1)
-    kd_sum, ce_sum = torch.where(keep, kd * weights, 0.0).sum(), torch.where(keep, ce * weights, 0.0).sum()
-    share = ((1 - mix) * tau ** 2 * kd_sum + mix * ce_sum) / total_weight
+    sums = _reduce(kd, ce, weights, keep, config, total_weight)
     if not wants_gradient:
-        return [share, kd_sum, ce_sum], None
+        return sums, None
     row_weight = (torch.where(keep, weights, 0.0) / total_weight).unsqueeze(-1)
     kd_factor = (1 - mix) * tau * row_weight  # d [(1 - mix) tau^2 KL] / d z = (1 - mix) tau (q - r)
     ce_mixed_in = mix and tau == 1  # CE's softmax is q itself: fold it into the same pass
@@ -245,7 +251,7 @@ def _forward_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], conf
     if mix:
         gradient.scatter_add_(-1, labels, -mix * row_weight.expand_as(labels).to(dtype))
     gradient[~keep] = 0.0  # a position that does not count gets no gradient, whatever its logits hold
-    return [share, kd_sum, ce_sum], gradient
+    return sums, gradient
 
 
 def _sampled_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], config: LossConfig, taid_t: float,
@@ -271,17 +277,16 @@ def _sampled_kl_fused(logits: torch.Tensor, parts: dict[str, torch.Tensor], conf
     labels = teacher["labels"].clamp(min=0).unsqueeze(-1)
     kd = (share.sum(-1, keepdim=True) * lse - (share * z.gather(-1, ids)).sum(-1, keepdim=True)).squeeze(-1)
     ce = (lse - z.gather(-1, labels)).squeeze(-1)
-    kd_sum, ce_sum = torch.where(keep, kd * weights, 0.0).sum(), torch.where(keep, ce * weights, 0.0).sum()
-    loss_share = ((1 - mix) * kd_sum + mix * ce_sum) / total_weight
+    sums = _reduce(kd, ce, weights, keep, config, total_weight)  # tau = 1: LossConfig refuses another for sampled_kl
     if not wants_gradient:
-        return [loss_share, kd_sum, ce_sum], None
+        return sums, None
     gradient = (z - lse).exp_().mul_((1 - mix) * share.sum(-1, keepdim=True) + mix)  # (1-mix) W q + mix q
     gradient.scatter_add_(-1, ids, share.mul(-(1 - mix)))
     if mix:
         gradient.scatter_add_(-1, labels, torch.full_like(labels, -mix, dtype=dtype))
     gradient.mul_((torch.where(keep, weights, 0.0) / total_weight).unsqueeze(-1))
     gradient[~keep] = 0.0
-    return [loss_share, kd_sum, ce_sum], gradient
+    return sums, gradient
 
 
 class _ChunkedLoss(torch.autograd.Function):
