@@ -57,14 +57,12 @@ def bare_forward(config: BuildConfig, chunked_head: bool = False) -> tuple[float
     ``chunked_head=True``: the work a build cannot avoid -- the decoder once, then the output head over
     the same position chunks the build uses (kdstore.teacher.teacher_logits_chunks), nothing else.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from kdstore.teacher import DTYPES, Teacher, resolve_device, teacher_logits_chunks
+    from kdstore.teacher import load_teacher, teacher_logits_chunks
 
-    device = resolve_device(config.device)
-    model = AutoModelForCausalLM.from_pretrained(config.teacher, dtype=DTYPES[config.dtype]).to(device).eval()
-    teacher = Teacher(model=model, device=device, dtype_name=config.dtype, source=config.teacher,
-                      vocab_size=model.get_output_embeddings().weight.shape[0], max_positions=None)
+    teacher = load_teacher(config.teacher, config.dtype, config.device)  # as the build loads it
+    model, device = teacher.model, teacher.device
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     units = list(iter_units(config.corpus, config.corpus_config()))
     num_tokens, seconds = 0, 0.0
