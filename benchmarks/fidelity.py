@@ -64,6 +64,9 @@ VARIANTS = {
     "(e) top-8 + 16 tail draws": ("k8+tail16", LossConfig("sampled_kl", sampled_mode="tail")),
     "(d) sampled 128 draws": ("sampled128", LossConfig("sampled_kl")),
     "(e) top-16 + 64 tail draws": ("k16+tail64", LossConfig("sampled_kl", sampled_mode="tail")),
+    # diagnostic, not a store: 64 fresh draws from the teacher at every step (the teacher run online), to tell the
+    # noise of a draw from the cost of reusing a store's fixed draws on every pass
+    "(f) online 64 fresh draws": ("k8", "online-draws-64"),
 }
 QUICK = ("(a) ce", "(b) online full KD", "(c) top-64 + tail", "(d) sampled 16 draws")
 
@@ -111,17 +114,34 @@ def make_student(seed: int, hidden: int = 64, layers: int = 2) -> torch.nn.Modul
     return LlamaForCausalLM(config)
 
 
-def loss_of(loss: str | LossConfig, teacher: torch.nn.Module):
+def loss_of(loss: str | LossConfig, teacher: torch.nn.Module, seed: int = 0):
     """(student logits [B, T, V], widened batch) -> scalar loss, for one variant."""
+    generator = torch.Generator().manual_seed(seed)
+
     def compute(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if loss == "ce":
             return F.cross_entropy(logits.float().flatten(0, 1), batch["labels"].flatten())
-        if loss == "online":
+        if isinstance(loss, str):
             with torch.inference_mode():
                 teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            return dense_forward_kl(logits, teacher_logits.clone(), batch["labels"])
+            if loss == "online":
+                return dense_forward_kl(logits, teacher_logits.clone(), batch["labels"])
+            return fresh_draws_loss(logits, teacher_logits.clone(), batch["labels"], int(loss.rsplit("-", 1)[1]),
+                                    generator)
         return distillation_loss(logits, batch, loss)[0]
     return compute
+
+
+def fresh_draws_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, draws: int,
+                     generator: torch.Generator) -> torch.Tensor:
+    """Random-sampling KD with new draws on every call: mean over positions of -sum_i (counts_i / draws) log q_i."""
+    vocab_size = logits.shape[-1]
+    probs = torch.softmax(teacher_logits.float().reshape(-1, vocab_size), -1)
+    drawn = torch.multinomial(probs, draws, replacement=True, generator=generator)
+    share = torch.zeros_like(probs).scatter_add_(-1, drawn, torch.full(drawn.shape, 1.0 / draws))
+    keep = (labels.flatten() != -100).float()
+    per_position = -(share * torch.log_softmax(logits.float().reshape(-1, vocab_size), -1)).sum(-1)
+    return (per_position * keep).sum() / keep.sum().clamp(min=1.0)
 
 
 def loader_for(store: Path, args: argparse.Namespace):
@@ -140,7 +160,7 @@ def train_variant(store: Path, loss: str | LossConfig, teacher: torch.nn.Module,
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, schedule))
     loader, collate = loader_for(store, args)
-    compute, batches, seconds, first = loss_of(loss, teacher), batch_stream(loader, 0), [], None
+    compute, batches, seconds, first = loss_of(loss, teacher, args.seed), batch_stream(loader, 0), [], None
     for _ in range(args.steps):
         started = time.perf_counter()
         batch = widen(next(batches), collate.logprob_table)
@@ -216,8 +236,10 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (e.g. 0,1,2,3): every variant per seed, "
+                        "then the mean and standard error of each variant's recovered fraction")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--timing-rounds", type=int, default=10)
+    parser.add_argument("--timing-rounds", type=int, default=10, help="0: skip the step-time comparison")
     parser.add_argument("--workdir", default="/tmp/kdstore-fidelity", help="stores are kept here and reused")
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK)}")
     parser.add_argument("--variants", default=None,
@@ -238,36 +260,65 @@ def main() -> None:
           f"{args.batch_size} sequences (train store: {num_tokens:,} tokens); validation: "
           f"{val_dataset.store.manifest.num_tokens:,} held-out tokens", flush=True)
 
+    seeds = [int(seed) for seed in args.seeds.split(",")] if args.seeds else [args.seed]
+    results, cosines = {}, {}
+    for seed in seeds:
+        args.seed = seed
+        results[seed], cosines[seed] = run_seed(stores, teacher, val, args)
+    rounds = args.timing_rounds
+    timing = {f"hidden {h}, {n} layers": step_times(stores, teacher, args, h, n) for h, n in ((64, 2), (128, 4))
+              } if rounds else {}
+    report(results, cosines, timing, args, time.perf_counter() - started)
+
+
+def run_seed(stores: dict[str, Path], teacher: torch.nn.Module, val: tuple, args: argparse.Namespace
+             ) -> tuple[dict, dict]:
+    """Every variant trained from args.seed's student on args.seed's batch order, and the gradient cosines."""
     results, trained, first_ids = {}, {}, None
-    for variant, (store, loss) in variants.items():
+    for variant, (store, loss) in VARIANTS.items():
         model, val_ce, seconds, ids = train_variant(stores[store], loss, teacher, val, args)
         first_ids = ids if first_ids is None else first_ids
         assert torch.equal(ids, first_ids), "every variant must see the same batches"
         trained[variant] = model
         results[variant] = {"val_ce": val_ce, "train_s": seconds,
                             "bytes_per_token": None if isinstance(loss, str) else bytes_per_token(stores[store])}
-        print(f"{variant:<28} validation CE {val_ce:.4f}  (trained in {seconds:.0f} s)", flush=True)
+        print(f"seed {args.seed}: {variant:<28} validation CE {val_ce:.4f}  (trained in {seconds:.0f} s)", flush=True)
     ce, online = results["(a) ce"]["val_ce"], results["(b) online full KD"]["val_ce"]
     for entry in results.values():
         entry["recovered"] = (ce - entry["val_ce"]) / (ce - online)
     cosines = {"init": gradient_cosines(make_student(args.seed), stores, teacher, args),
                "trained": gradient_cosines(trained["(b) online full KD"], stores, teacher, args)}
-    timing = {f"hidden {h}, {n} layers": step_times(stores, teacher, args, h, n) for h, n in ((64, 2), (128, 4))}
-    report(results, cosines, timing, args, time.perf_counter() - started)
+    return results, cosines
 
 
 def report(results: dict, cosines: dict, timing: dict, args: argparse.Namespace, seconds: float) -> None:
-    main_student = next(iter(timing))
-    print(f"\nms/step: {main_student} student, interleaved medians, loader included (wall / CPU)")
-    print("| variant | B/token | val CE | recovered | ms/step | grad cos (init) | grad cos (trained) |")
-    print("|---|---|---|---|---|---|---|")
-    for variant, entry in results.items():
-        size = "-" if entry["bytes_per_token"] is None else f"{entry['bytes_per_token']:.1f}"
-        cos = [f"{cosines[when][variant]:.3f}" if variant in cosines[when] else "-" for when in ("init", "trained")]
-        step = timing[main_student][variant]
-        print(f"| {variant} | {size} | {entry['val_ce']:.4f} | {100 * entry['recovered']:.1f} % | "
-              f"{1000 * step['wall_s']:.0f} / {1000 * step['cpu_s']:.0f} | {cos[0]} | {cos[1]} |")
-    print("\nstep time ratios (interleaved medians, wall / CPU):")
+    for seed, by_variant in results.items():
+        main_student = next(iter(timing), None) if seed == next(iter(results)) else None  # timed once
+        print(f"\nseed {seed}" + (f"; ms/step: {main_student} student, interleaved medians, loader included "
+                                   "(wall / CPU)" if main_student else ""))
+        print("| variant | B/token | val CE | recovered | ms/step | grad cos (init) | grad cos (trained) |")
+        print("|---|---|---|---|---|---|---|")
+        for variant, entry in by_variant.items():
+            size = "-" if entry["bytes_per_token"] is None else f"{entry['bytes_per_token']:.1f}"
+            cos = [f"{cosines[seed][when][variant]:.3f}" if variant in cosines[seed][when] else "-"
+                   for when in ("init", "trained")]
+            step = timing[main_student][variant] if main_student else None
+            ms = f"{1000 * step['wall_s']:.0f} / {1000 * step['cpu_s']:.0f}" if step else "-"
+            print(f"| {variant} | {size} | {entry['val_ce']:.4f} | {100 * entry['recovered']:.1f} % | {ms} | "
+                  f"{cos[0]} | {cos[1]} |")
+    if len(results) > 1:
+        print(f"\nover seeds {', '.join(map(str, results))}: mean +- standard error of the mean (n = {len(results)})")
+        print("| variant | B/token | val CE | recovered | recovered, each seed | grad cos (trained) |")
+        print("|---|---|---|---|---|---|")
+        for variant, entry in next(iter(results.values())).items():
+            ces = [results[seed][variant]["val_ce"] for seed in results]
+            recovered = [100 * results[seed][variant]["recovered"] for seed in results]
+            cos = [cosines[seed]["trained"][variant] for seed in results if variant in cosines[seed]["trained"]]
+            size = "-" if entry["bytes_per_token"] is None else f"{entry['bytes_per_token']:.1f}"
+            print(f"| {variant} | {size} | {_mean_sem(ces, 4)} | {_mean_sem(recovered, 1)} % | "
+                  f"{' / '.join(f'{r:.0f}' for r in recovered)} | {_mean_sem(cos, 3) if cos else '-'} |")
+    if timing:
+        print("\nstep time ratios (interleaved medians, wall / CPU):")
     for student, medians in timing.items():
         ratios = [(f"{a} / {b}", [medians[a][c] / medians[b][c] for c in ("wall_s", "cpu_s")]) for a, b in
                   (("(c) top-64 + tail", "(a) ce"), ("(b) online full KD", "(a) ce"),
@@ -278,8 +329,14 @@ def report(results: dict, cosines: dict, timing: dict, args: argparse.Namespace,
     out = Path(args.workdir) / "fidelity.json"
     out.write_text(json.dumps({"args": vars(args), "results": results, "cosines": cosines, "timing": timing}, indent=1))
     print(f"numbers: {out}")
-    if not math.isfinite(sum(e["val_ce"] for e in results.values())):
+    if not all(math.isfinite(e["val_ce"]) for by_variant in results.values() for e in by_variant.values()):
         raise SystemExit("a variant diverged")
+
+
+def _mean_sem(values: list[float], digits: int) -> str:
+    mean = statistics.fmean(values)
+    sem = statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else float("nan")
+    return f"{mean:.{digits}f} +- {sem:.{digits}f}"
 
 
 if __name__ == "__main__":
