@@ -31,7 +31,7 @@ import torch
 from kdstore.codec import CodecConfig, encode_positions
 from kdstore.config_file import read_toml_config
 from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, tokenize_unit
-from kdstore.errors import KdstoreError
+from kdstore.errors import BuildError, KdstoreError
 from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table, sha256_named_files
 from kdstore.teacher import Teacher, load_teacher, sample_sparse, sparsify, teacher_logits_chunks, to_numpy
 from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
@@ -39,10 +39,6 @@ from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
 ASSETS = Path(__file__).with_name("assets")
 DEFAULT_TEACHER = str(ASSETS / "teacher")
 DEFAULT_CORPUS = str(ASSETS / "corpus")
-
-
-class BuildError(KdstoreError):
-    hint = "fix the input named above and rerun; committed work is kept"
 
 
 @dataclass(frozen=True)

@@ -35,17 +35,13 @@ import numpy as np
 import torch
 
 from kdstore.codec import CodecConfig
-from kdstore.errors import KdstoreError
+from kdstore.errors import CollateError
 
 IGNORE_INDEX = -100  # torch cross_entropy's default ignore_index
 OUTPUTS = ("codes", "float16", "wide")
 # compact key -> widened key
 CODE_KEYS = {"topk_logprob_codes": "topk_logprobs", "tail_logmass_codes": "tail_logmass",
              "target_logprob_codes": "target_logprob"}
-
-
-class CollateError(KdstoreError):
-    hint = "check the Collator arguments against the store (`kdstore info STORE` shows K and the columns)"
 
 
 class Collator:

@@ -1,7 +1,9 @@
 """Named errors. Each carries a one-line message and a fix-it hint.
 
 The CLI prints ``Error: <message>`` plus the hint and exits 1; library users
-catch the class they care about. Nothing here imports click.
+catch the class they care about. Nothing here imports click. The classes are
+grouped by the stage that raises them: the store and its format, building a
+store, loading it into a trainer, training a student.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class KdstoreError(Exception):
         return f"{text} ({self.hint})" if self.hint else text
 
 
+# -- the store and its format: open, read, write, verify --------------------
 class StoreNotFoundError(KdstoreError):
     hint = "check the path; a store is a folder holding manifest.json"
 
@@ -67,5 +70,52 @@ class VerifyError(KdstoreError):
     hint = "run `kdstore verify STORE` for the full list of problems"
 
 
+class EmptyStoreError(KdstoreError):
+    hint = "build the store with at least one sequence (`kdstore info STORE` shows the counts)"
+
+
+# -- building a store: corpus, teacher, build -------------------------------
 class CorpusError(KdstoreError):
     hint = "check the corpus paths and CorpusConfig; inputs are .txt, .md, .jsonl, .json, .parquet or saved HF datasets"
+
+
+class TeacherError(KdstoreError):
+    hint = "check --teacher, --dtype and --device"
+
+
+class BuildError(KdstoreError):
+    hint = "fix the input named above and rerun; committed work is kept"
+
+
+# -- loading a store into a trainer: tokenizer, partition, collate, resume ---
+class TokenizerMismatchError(KdstoreError):
+    hint = "train the student with the teacher's tokenizer (STORE/tokenizer/), or pass allow_tokenizer_mismatch=True"
+
+
+class PartitionError(KdstoreError):
+    hint = "use fewer ranks or a smaller batch, or rebuild the store with smaller row groups (row_group_bytes)"
+
+
+class CollateError(KdstoreError):
+    hint = "check the Collator arguments against the store (`kdstore info STORE` shows K and the columns)"
+
+
+class ResumeError(KdstoreError):
+    hint = "resume with the same store, PlanConfig, ranks and DataLoader workers as the run that saved the state"
+
+
+# -- training a student -----------------------------------------------------
+class TrainError(KdstoreError):
+    hint = "fix the input named above and rerun"
+
+
+class StudentMismatchError(TrainError):
+    hint = "give the student a vocab_size equal to the store's (the store was made with the teacher's tokenizer)"
+
+
+class ResumeMismatchError(TrainError):
+    hint = "resume with the checkpoint's settings (shown above), or start a new run with another --out"
+
+
+class NonFiniteLossError(TrainError):
+    hint = "lower --lr, raise warmup_steps or check the batch named above; resume from the last good checkpoint"

@@ -24,6 +24,9 @@ order when W <= 1). docs/loader.md has the details.
   process's RSS does not grow with the store.
 * ``StreamingDataset`` reads Parquet row groups directly, locally or through
   fsspec, holding only the row groups of one or two consecutive shuffle windows.
+* ``Sequences`` takes chosen rows of a ``MemoryMappedDataset``, each sequence
+  its own shuffle group, so the batches do not depend on how the store was cut
+  into row groups; ``batch_stream`` yields a loader's batches epoch after epoch.
 
 Opening a store (local or fsspec) and reading its row groups is kdstore.sources;
 making the Arrow copy is kdstore.arrow_copy. Their public names are re-exported here.
@@ -40,11 +43,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from kdstore.arrow_copy import CACHE_DIR, convert_to_arrow, store_fingerprint
 from kdstore.collate import Collator
-from kdstore.errors import KdstoreError, ShardCorruptError, ShardMissingError
+from kdstore.errors import KdstoreError, ResumeError, ShardCorruptError, ShardMissingError
 from kdstore.shuffle import EpochPlan, PlanConfig, distributed_rank, interleave_workers, worker_batches
 from kdstore.sources import (
     EmptyStoreError,
@@ -59,10 +63,6 @@ from kdstore.store import Store
 
 FAULT_AROUND_BYTES = 16 * mmap.PAGESIZE  # Linux maps up to fault_around_bytes (default 64 KiB) per fault
 DEFAULT_RELEASE_BYTES = 16 << 20  # bytes mapped in (see _mapped_bytes) between MADV_DONTNEED calls: RSS stays ~flat
-
-
-class ResumeError(KdstoreError):
-    hint = "resume with the same store, PlanConfig, ranks and DataLoader workers as the run that saved the state"
 
 
 # -- the map-style dataset --------------------------------------------------
@@ -199,6 +199,20 @@ def _check_identity(state: dict[str, Any], expected: dict[str, Any]) -> None:
     for key, value in expected.items():
         if state.get(key) != value:
             raise ResumeError(f"the saved loader state has {key}={state.get(key)}, this run {value}")
+
+
+class Sequences(Dataset):
+    """The sequences ``rows`` of a dataset, each its own shuffle group (random access makes row groups moot)."""
+
+    def __init__(self, dataset: MemoryMappedDataset, rows: np.ndarray) -> None:
+        self.dataset, self.rows, self.store = dataset, rows, dataset.store
+        self.group_sizes = [1] * len(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset[int(self.rows[index])]
 
 
 # -- the iterable dataset ---------------------------------------------------
@@ -353,9 +367,17 @@ def set_epoch(loader: Any, epoch: int) -> None:
             part.set_epoch(epoch)
 
 
-# the loader's public names; the ones that live in kdstore.sources / kdstore.arrow_copy are re-exported so
-# `from kdstore.loader import ...` keeps working for every name this module had before the split
+def batch_stream(loader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The loader's batches from ``epoch`` on, epoch after epoch, reshuffled each time."""
+    while True:
+        set_epoch(loader, epoch)
+        yield from loader
+        epoch += 1
+
+
+# the loader's public names; the ones that live in kdstore.sources / kdstore.arrow_copy / kdstore.errors are
+# re-exported so `from kdstore.loader import ...` keeps working for every name this module had before the split
 __all__ = ["CACHE_DIR", "Collator", "EmptyStoreError", "EpochBatchSampler", "MemoryMappedDataset", "PlanConfig",
-           "ResumeError", "RowGroup", "StoreSource", "StreamingDataset", "TokenizerMismatchError", "check_tokenizer",
-           "convert_to_arrow", "interleave_workers", "load_store", "make_dataloader", "read_row_group", "set_epoch",
-           "store_fingerprint"]
+           "ResumeError", "RowGroup", "Sequences", "StoreSource", "StreamingDataset", "TokenizerMismatchError",
+           "batch_stream", "check_tokenizer", "convert_to_arrow", "interleave_workers", "load_store", "make_dataloader",
+           "read_row_group", "set_epoch", "store_fingerprint"]

@@ -33,13 +33,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kdstore.errors import KdstoreError
+from kdstore.errors import PartitionError
 
 DEFAULT_WINDOW_GROUPS = 8  # window = 8 row groups' worth of rows: ~32 MB of decoded rows at 4 MB row groups
-
-
-class PartitionError(KdstoreError):
-    hint = "use fewer ranks or a smaller batch, or rebuild the store with smaller row groups (row_group_bytes)"
 
 
 @dataclass(frozen=True)

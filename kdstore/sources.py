@@ -23,17 +23,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdstore.codec import CodecConfig, decode_positions
-from kdstore.errors import KdstoreError, ShardCorruptError, ShardMissingError, StoreNotFoundError
+from kdstore.errors import (
+    EmptyStoreError,
+    ShardCorruptError,
+    ShardMissingError,
+    StoreNotFoundError,
+    TokenizerMismatchError,
+)
 from kdstore.format import MANIFEST_NAME, Manifest, safe_relative_path
 from kdstore.store import Store, list_parts, open_store
-
-
-class EmptyStoreError(KdstoreError):
-    hint = "build the store with at least one sequence (`kdstore info STORE` shows the counts)"
-
-
-class TokenizerMismatchError(KdstoreError):
-    hint = "train the student with the teacher's tokenizer (STORE/tokenizer/), or pass allow_tokenizer_mismatch=True"
 
 
 @dataclass

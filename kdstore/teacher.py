@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore.errors import KdstoreError
+from kdstore.errors import TeacherError
 from kdstore.format import sha256_named_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -33,10 +33,6 @@ HEAD_CHUNK_ELEMENTS = 1 << 26
 # Config attributes that change logits after the output head; models that have
 # them run the plain full forward instead of decoder + head.
 _POST_HEAD_ATTRIBUTES = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
-
-
-class TeacherError(KdstoreError):
-    hint = "check --teacher, --dtype and --device"
 
 
 @dataclass

@@ -36,7 +36,7 @@ import hashlib
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -45,7 +45,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from kdstore.checkpoint import (
     CHECKPOINT_NAME,
@@ -59,30 +58,14 @@ from kdstore.checkpoint import (
 )
 from kdstore.collate import IGNORE_INDEX, Collator, widen
 from kdstore.config_file import read_toml_config
-from kdstore.errors import KdstoreError
-from kdstore.loader import MemoryMappedDataset, make_dataloader, set_epoch
+from kdstore.errors import NonFiniteLossError, ResumeMismatchError, StudentMismatchError, TrainError
+from kdstore.loader import MemoryMappedDataset, Sequences, batch_stream, make_dataloader
 from kdstore.losses import LossConfig, distillation_loss
 from kdstore.shuffle import PlanConfig
 from kdstore.taid import TaidState
 from kdstore.teacher import resolve_device
 
 RESUME_MAY_CHANGE = ("out", "device", "log_every")  # fields that do not change what is computed
-
-
-class TrainError(KdstoreError):
-    hint = "fix the input named above and rerun"
-
-
-class StudentMismatchError(TrainError):
-    hint = "give the student a vocab_size equal to the store's (the store was made with the teacher's tokenizer)"
-
-
-class ResumeMismatchError(TrainError):
-    hint = "resume with the checkpoint's settings (shown above), or start a new run with another --out"
-
-
-class NonFiniteLossError(TrainError):
-    hint = "lower --lr, raise warmup_steps or check the batch named above; resume from the last good checkpoint"
 
 
 @dataclass(frozen=True)
@@ -262,20 +245,6 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 # -- data -------------------------------------------------------------------
-class Sequences(Dataset):
-    """The sequences ``rows`` of a dataset, each its own shuffle group (random access makes row groups moot)."""
-
-    def __init__(self, dataset: MemoryMappedDataset, rows: np.ndarray) -> None:
-        self.dataset, self.rows, self.store = dataset, rows, dataset.store
-        self.group_sizes = [1] * len(rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        return self.dataset[int(self.rows[index])]
-
-
 def held_out(sequence_id: str, fraction: float) -> bool:
     """Whether a sequence is held out for validation: a hash of its id, so stable across rebuilds and K."""
     return int.from_bytes(hashlib.sha256(sequence_id.encode()).digest()[:8], "little") < fraction * 2.0**64
@@ -312,14 +281,6 @@ def open_data(config: TrainConfig) -> Data:
         raise TrainError(f"val_fraction {config.val_fraction} leaves {int(is_val.sum())} of {len(ids)} sequences for "
                          "validation", hint="pick a val_fraction that leaves sequences on both sides, or a val_store")
     return Data(dataset, np.flatnonzero(~is_val), dataset, np.flatnonzero(is_val), collate, collate)
-
-
-def batch_stream(loader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
-    """The loader's batches from ``epoch`` on, epoch after epoch, reshuffled each time."""
-    while True:
-        set_epoch(loader, epoch)
-        yield from loader
-        epoch += 1
 
 
 # -- student and schedule ---------------------------------------------------

@@ -11,14 +11,12 @@ import torch
 from conftest import make_manifest, synthetic_rows, write_store
 from kdstore.codec import CodecConfig
 from kdstore.collate import Collator
-from kdstore.errors import ChecksumError, ShardCorruptError, ShardMissingError
+from kdstore.errors import ChecksumError, EmptyStoreError, ShardCorruptError, ShardMissingError, TokenizerMismatchError
 from kdstore.format import logits_schema, rows_to_table
 from kdstore.loader import (
-    EmptyStoreError,
     MemoryMappedDataset,
     ResumeError,
     StreamingDataset,
-    TokenizerMismatchError,
     convert_to_arrow,
     make_dataloader,
     set_epoch,
