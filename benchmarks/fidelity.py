@@ -48,10 +48,16 @@ from kdstore.train import Sequences, TrainConfig, batch_stream, lr_multiplier, v
 
 REPO = Path(__file__).resolve().parents[1]
 # store name -> BuildConfig fields. K=1 is the codec's minimum head; the sampled variants ignore it.
+IID, SYSTEMATIC = {"sampled_scheme": "iid"}, {"sampled_scheme": "systematic"}
 STORES = {"k8": {"k": 8}, "k32": {"k": 32}, "k64": {"k": 64},
-          "sampled16": {"k": 1, "sampled_draws": 16}, "sampled64": {"k": 1, "sampled_draws": 64},
-          "k8+tail16": {"k": 8, "sampled_draws": 16, "sampled_mode": "tail"},
-          "sampled128": {"k": 1, "sampled_draws": 128}, "k16+tail64": {"k": 16, "sampled_draws": 64, "sampled_mode": "tail"}}
+          "sampled16": {"k": 1, "sampled_draws": 16, **IID}, "sampled64": {"k": 1, "sampled_draws": 64, **IID},
+          "k8+tail16": {"k": 8, "sampled_draws": 16, "sampled_mode": "tail", **IID},
+          "sampled128": {"k": 1, "sampled_draws": 128, **IID},
+          "k16+tail64": {"k": 16, "sampled_draws": 64, "sampled_mode": "tail", **IID},
+          "sys-sampled16": {"k": 1, "sampled_draws": 16, **SYSTEMATIC},
+          "sys-sampled64": {"k": 1, "sampled_draws": 64, **SYSTEMATIC},
+          "sys-k8+tail16": {"k": 8, "sampled_draws": 16, "sampled_mode": "tail", **SYSTEMATIC},
+          "sys-k16+tail64": {"k": 16, "sampled_draws": 64, "sampled_mode": "tail", **SYSTEMATIC}}
 # variant -> (store, loss): "ce" and "online" read only input ids (from the k8 store)
 VARIANTS = {
     "(a) ce": ("k8", "ce"),
@@ -64,6 +70,10 @@ VARIANTS = {
     "(e) top-8 + 16 tail draws": ("k8+tail16", LossConfig("sampled_kl", sampled_mode="tail")),
     "(d) sampled 128 draws": ("sampled128", LossConfig("sampled_kl")),
     "(e) top-16 + 64 tail draws": ("k16+tail64", LossConfig("sampled_kl", sampled_mode="tail")),
+    "(d') systematic 16 draws": ("sys-sampled16", LossConfig("sampled_kl")),
+    "(d') systematic 64 draws": ("sys-sampled64", LossConfig("sampled_kl")),
+    "(e') top-8 + 16 systematic tail draws": ("sys-k8+tail16", LossConfig("sampled_kl", sampled_mode="tail")),
+    "(e') top-16 + 64 systematic tail draws": ("sys-k16+tail64", LossConfig("sampled_kl", sampled_mode="tail")),
     # diagnostic, not a store: 64 fresh draws from the teacher at every step (the teacher run online), to tell the
     # noise of a draw from the cost of reusing a store's fixed draws on every pass
     "(f) online 64 fresh draws": ("k8", "online-draws-64"),

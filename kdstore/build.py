@@ -59,7 +59,8 @@ class BuildConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     sampled_draws: int = 0  # (recorded via codec) 0: no sampled-sparse columns
-    sampled_mode: str = "full"
+    sampled_mode: str = "full"  # (recorded via codec) "full" or "tail" (draws from outside the top-K)
+    sampled_scheme: str = "iid"  # (recorded via codec) "iid" or "systematic" draws (docs/format.md)
     seed: int = 0  # (recorded) seeds the sampled draws
     batch_tokens: int = 8192  # tokens per teacher batch, padding included
     num_partitions: int = 1
@@ -138,7 +139,7 @@ def build(config: BuildConfig) -> BuildResult:
     tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=config.trust_remote_code)
     _check_inputs(config, teacher, tokenizer)
     codec = CodecConfig(k=config.k, vocab_size=teacher.vocab_size, sampled_draws=config.sampled_draws,
-                        sampled_mode=config.sampled_mode)
+                        sampled_mode=config.sampled_mode, sampled_scheme=config.sampled_scheme)
     schema = logits_schema(codec, ("teacher_score",))
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer.save_pretrained(scratch)
@@ -196,9 +197,13 @@ def _progress(config: BuildConfig, total: int) -> Any:
 
 
 def _uniforms(config: BuildConfig, sequence_id: str, num_positions: int) -> torch.Tensor:
-    """Per-sequence uniforms for sampled draws: a function of (seed, sequence id) only."""
+    """Per-sequence uniforms [positions, draws] for sampled draws: a function of (seed, sequence id) only.
+    "systematic": one uniform u per position and the points (u + j) / draws, j = 0 .. draws - 1."""
     seed = int.from_bytes(hashlib.sha256(f"{config.seed}:{sequence_id}".encode()).digest()[:8], "little")
     generator = torch.Generator().manual_seed(seed)
+    if config.sampled_scheme == "systematic":
+        start = torch.rand((num_positions, 1), generator=generator, dtype=torch.float64)
+        return (start + torch.arange(config.sampled_draws, dtype=torch.float64)) / config.sampled_draws
     return torch.rand((num_positions, config.sampled_draws), generator=generator, dtype=torch.float64)
 
 

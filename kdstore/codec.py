@@ -132,6 +132,9 @@ class Codebook:
         return book
 
 
+SAMPLED_SCHEMES = ("iid", "systematic")
+
+
 @dataclass(frozen=True)
 class CodecConfig:
     """What a store's positions hold. Recorded in the manifest under ``codec``."""
@@ -143,6 +146,9 @@ class CodecConfig:
     target: bool = True
     sampled_draws: int = 0  # 0: no sampled-sparse columns
     sampled_mode: str = "full"  # "full": draws from p; "tail": draws from p outside the top-K
+    # "iid": independent draws (multinomial counts); "systematic": one uniform per position and draws at
+    # (u + j) / N along the CDF, so each id gets floor or ceil of N p draws: unbiased, lower variance
+    sampled_scheme: str = "iid"
 
     def __post_init__(self) -> None:
         if self.vocab_size < 1:
@@ -153,6 +159,8 @@ class CodecConfig:
             raise CodecError("vocabularies above 2**32 - 1 ids are not supported")
         if self.sampled_mode not in ("full", "tail"):
             raise CodecError(f"sampled_mode must be 'full' or 'tail', got {self.sampled_mode!r}")
+        if self.sampled_scheme not in SAMPLED_SCHEMES:
+            raise CodecError(f"sampled_scheme must be one of {', '.join(SAMPLED_SCHEMES)}, got {self.sampled_scheme!r}")
         if not 0 <= self.sampled_draws <= 65535:
             raise CodecError(f"sampled_draws must be in 0..65535, got {self.sampled_draws}")
 
@@ -165,7 +173,8 @@ class CodecConfig:
             "logprobs": self.codebook.to_dict(),
             "tail": self.tail,
             "target": self.target,
-            "sampled": {"draws": self.sampled_draws, "mode": self.sampled_mode} if self.sampled_draws else None,
+            "sampled": {"draws": self.sampled_draws, "mode": self.sampled_mode, "scheme": self.sampled_scheme}
+            if self.sampled_draws else None,
         }
 
     @classmethod
@@ -179,6 +188,7 @@ class CodecConfig:
             target=bool(spec["target"]),
             sampled_draws=int(sampled.get("draws", 0)),
             sampled_mode=str(sampled.get("mode", "full")),
+            sampled_scheme=str(sampled.get("scheme", "iid")),  # stores written before the key existed: iid
         )
 
 

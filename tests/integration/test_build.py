@@ -70,6 +70,32 @@ def test_stored_logprobs_match_a_dense_log_softmax_of_the_teacher(tmp_path, tiny
         assert (target - torch.from_numpy(sequence["target_logprob"])).abs().max() <= bound
 
 
+def test_systematic_draws_give_every_id_the_floor_or_ceiling_of_its_expected_count(tmp_path, tiny_teacher, word_corpus):
+    from transformers import AutoModelForCausalLM
+
+    config = tmp_path / "build.toml"
+    config.write_text(f'teacher = "{tiny_teacher}"\nk = 1\nseq_len = 24\nsampled_draws = 32\n'
+                      'sampled_scheme = "systematic"\n')
+    assert run(word_corpus, "--config", config, "--out", tmp_path / "s").exit_code == 0
+    store = open_store(tmp_path / "s")
+    assert store.manifest.codec["sampled"] == {"draws": 32, "mode": "full", "scheme": "systematic"}
+    model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
+    num_checked = 0
+    for sequence in list(store.iter_sequences())[:5]:
+        with torch.no_grad():
+            logits = model(torch.tensor(sequence["input_ids"][None], dtype=torch.long)).logits[0, :-1]
+        expected = 32 * torch.softmax(logits.double(), -1)  # draws each id should get on average
+        offsets = sequence["sampled_offsets"]
+        for t in range(len(offsets) - 1):
+            counts = torch.zeros_like(expected[t])
+            ids = torch.from_numpy(sequence["sampled_ids"][offsets[t]:offsets[t + 1]].astype(np.int64))
+            counts[ids] = torch.from_numpy(sequence["sampled_counts"][offsets[t]:offsets[t + 1]]).double()
+            # iid draws would leave an id with 32 p = 3.5 anywhere from 0 to 32 draws; systematic ones give 3 or 4
+            assert ((expected[t] - 1e-6).floor() <= counts).all() and (counts <= (expected[t] + 1e-6).ceil()).all()
+            num_checked += 1
+    assert num_checked > 50
+
+
 def test_partitioned_build_holds_the_same_sequences_as_a_single_one(tmp_path, tiny_teacher):
     corpus = write_word_corpus(tmp_path / "corpus", num_files=4, docs_per_file=6)
     common = ["--teacher", tiny_teacher, "-k", "4", "--seq-len", "16"]

@@ -59,6 +59,16 @@ def test_manifest_written_by_code_validates_against_json_schema():
     assert Manifest.from_json(json.dumps(data)).codec_config() == CodecConfig(k=4, vocab_size=100, sampled_draws=8)
 
 
+def test_sampled_scheme_is_recorded_and_a_manifest_without_it_reads_as_iid():
+    codec = CodecConfig(k=4, vocab_size=100, sampled_draws=8, sampled_scheme="systematic")
+    data = _manifest_json(codec)
+    validate_manifest(data)
+    assert Manifest.from_json(json.dumps(data)).codec_config() == codec
+    del data["codec"]["sampled"]["scheme"]  # written before the key existed
+    validate_manifest(data)
+    assert Manifest.from_json(json.dumps(data)).codec_config().sampled_scheme == "iid"
+
+
 def test_newer_format_version_is_refused_with_upgrade_hint():
     data = _manifest_json(CodecConfig(k=4, vocab_size=100))
     data["format_version"] = 2
