@@ -3,7 +3,7 @@
     save_checkpoint(run_dir / CHECKPOINT_NAME, {"config": config.flat(), **asdict(run)}, trainables, rank)
     saved = read_checkpoint(run_dir / CHECKPOINT_NAME)
     differ = config_differences(saved["config"], config.flat(), may_change=("out", "device", "log_every"))
-    position = restore_checkpoint(saved, rank, trainables)      # {"step", "epoch", "batches_in_epoch", "history"}
+    run = restore_checkpoint(saved, rank, trainables)           # RunState: step, epoch, batches_in_epoch, history
     export_student(student, store.tokenizer_path, run_dir / STUDENT_DIR)
 
 RUN_DIR/checkpoint.pt is one ``torch.save`` dict, written by rank 0 under a temporary name, fsynced and
@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,21 @@ from kdstore.taid import TaidState
 
 CHECKPOINT_NAME = "checkpoint.pt"
 STUDENT_DIR = "student"
-POSITION_KEYS = ("step", "epoch", "batches_in_epoch", "history")  # where the run is, besides the weights
+
+
+@dataclass
+class RunState:
+    """Where the run is, besides the weights: saved in the checkpoint next to them."""
+
+    step: int = 0
+    epoch: int = 0  # the epoch of the next batch
+    batches_in_epoch: int = 0  # this rank's batches of ``epoch`` consumed
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def advance_batch(self, num_batches: int) -> None:
+        self.batches_in_epoch += 1
+        if self.batches_in_epoch == num_batches:  # the loader's state now says "epoch done": the next one starts
+            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
 
 
 @dataclass
@@ -66,7 +80,7 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(path: Path, run: dict[str, Any], trainables: Trainables, rank: int) -> None:
     """Write ``path`` atomically (temporary name, fsync, rename). Every rank calls it; rank 0 writes.
 
-    ``run``: ``config`` (the flat resolved config) and the POSITION_KEYS, stored as given.
+    ``run``: ``config`` (the flat resolved config) and the RunState fields, stored as given.
     """
     ranks = [{"loader": trainables.loader.state_dict(), "rng": capture_rng_state()}]
     if dist.is_initialized():
@@ -100,8 +114,8 @@ def config_differences(saved: dict[str, Any], now: dict[str, Any], may_change: t
             for k in sorted(set(now) | set(saved)) if k not in may_change and saved.get(k) != now.get(k)]
 
 
-def restore_checkpoint(saved: dict[str, Any], rank: int, trainables: Trainables) -> dict[str, Any]:
-    """Load ``saved`` into ``trainables`` and this rank's loader and RNG; returns the POSITION_KEYS."""
+def restore_checkpoint(saved: dict[str, Any], rank: int, trainables: Trainables) -> RunState:
+    """Load ``saved`` into ``trainables`` and this rank's loader and RNG; returns where the run was."""
     trainables.student.load_state_dict(saved["model"])
     trainables.optimizer.load_state_dict(saved["optimizer"])
     trainables.scheduler.load_state_dict(saved["scheduler"])
@@ -109,7 +123,14 @@ def restore_checkpoint(saved: dict[str, Any], rank: int, trainables: Trainables)
         trainables.taid.load_state_dict(saved["taid"])
     trainables.loader.load_state_dict(saved["ranks"][rank]["loader"])
     restore_rng_state(saved["ranks"][rank]["rng"])
-    return {k: saved[k] for k in POSITION_KEYS}
+    return RunState(**{f.name: saved[f.name] for f in fields(RunState)})
+
+
+def describe_checkpoint(path: Path) -> str:
+    """The checkpoint at ``path`` and its step, for messages."""
+    if not path.is_file():
+        return "none (no checkpoint was written yet)"
+    return f"{path} (step {read_checkpoint(path)['step']})"
 
 
 def export_student(student: torch.nn.Module, tokenizer_dir: Path | None, folder: Path) -> None:

@@ -49,8 +49,10 @@ import torch.nn.functional as F
 from kdstore.checkpoint import (
     CHECKPOINT_NAME,
     STUDENT_DIR,
+    RunState,
     Trainables,
     config_differences,
+    describe_checkpoint,
     export_student,
     read_checkpoint,
     restore_checkpoint,
@@ -184,7 +186,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             if _any_rank(not (meter.finite() and math.isfinite(grad_norm.item())), device):
                 raise NonFiniteLossError(f"the loss or its gradient is not finite at step {run.step + 1} "
                                          f"({meter.describe(rank, data.dataset)}); the weights were not updated; "
-                                         f"the last good checkpoint is {_last_checkpoint(config)}")
+                                         f"the last good checkpoint is {describe_checkpoint(Path(config.out, CHECKPOINT_NAME))}")
             optimizer.step()
             scheduler.step()
             run.step += 1
@@ -338,21 +340,6 @@ def validation_loss(model: torch.nn.Module, dataset: MemoryMappedDataset, rows: 
 
 
 # -- bookkeeping ------------------------------------------------------------
-@dataclass
-class RunState:
-    """Where the run is: saved in the checkpoint next to the weights."""
-
-    step: int = 0
-    epoch: int = 0  # the epoch of the next batch
-    batches_in_epoch: int = 0  # this rank's batches of ``epoch`` consumed
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def advance_batch(self, num_batches: int) -> None:
-        self.batches_in_epoch += 1
-        if self.batches_in_epoch == num_batches:  # the loader's state now says "epoch done": the next one starts
-            self.epoch, self.batches_in_epoch = self.epoch + 1, 0
-
-
 class Meter:
     """Metrics and tokens since the last report, and where this step's micro-batches came from."""
 
@@ -407,14 +394,7 @@ def resume_run(config: TrainConfig, world: int, rank: int, trainables: Trainable
         raise ResumeMismatchError(f"{path} was written with other settings: {'; '.join(differ)}")
     if saved["world_size"] != world:
         raise ResumeMismatchError(f"{path} was written by {saved['world_size']} rank(s), this run has {world}")
-    return RunState(**restore_checkpoint(saved, rank, trainables))
-
-
-def _last_checkpoint(config: TrainConfig) -> str:
-    path = Path(config.out, CHECKPOINT_NAME)
-    if not path.is_file():
-        return "none (no checkpoint was written yet)"
-    return f"{path} (step {read_checkpoint(path)['step']})"
+    return restore_checkpoint(saved, rank, trainables)
 
 
 def _result(config: TrainConfig, run: RunState, meter: Meter, started: float) -> TrainResult:
