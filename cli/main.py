@@ -77,8 +77,12 @@ def verify(store: str) -> None:
             click.echo(f"problem: {problem}")
         raise click.ClickException(f"{len(problems)} problem(s) in {store}")
     summary = opened.summary()
-    click.echo(f"OK: {summary['num_shards']} shards, {summary['num_sequences']} sequences, "
-               f"{summary['num_tokens']} tokens verified")
+    counts = ", ".join(_plural(summary[f"num_{noun}s"], noun) for noun in ("shard", "sequence", "token"))
+    click.echo(f"OK: {counts} verified")
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
 
 
 @cli.command()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_store
 
 from kdstore.cli.main import cli
 
@@ -39,7 +40,8 @@ def test_info_text_names_teacher_and_bytes_per_token(store_path):
 
 
 def test_verify_exits_zero_on_a_sound_store_and_one_listing_problems(store_path):
-    assert run("verify", store_path).exit_code == 0
+    sound = run("verify", store_path)
+    assert sound.exit_code == 0 and sound.output.startswith("OK: ") and "12 sequences" in sound.output
     shards = sorted((store_path / "shards").glob("*.parquet"))
     shards[0].unlink()
     with open(shards[1], "r+b") as handle:
@@ -49,6 +51,11 @@ def test_verify_exits_zero_on_a_sound_store_and_one_listing_problems(store_path)
     assert result.exit_code == 1
     assert result.output.count("problem:") == 2
     assert _single_line_error(result) == f"Error: 2 problem(s) in {store_path}"
+
+
+def test_verify_counts_one_shard_in_the_singular(tmp_path, codec):
+    result = run("verify", write_store(tmp_path / "one", codec, num_sequences=1))
+    assert result.exit_code == 0 and result.output.startswith("OK: 1 shard, 1 sequence, "), result.output
 
 
 def test_head_shows_ids_without_a_tokenizer(store_path):
