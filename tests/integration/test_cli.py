@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import write_store
 
+from conftest import write_store
 from kdstore.cli.main import cli
 
 
