@@ -65,13 +65,13 @@ def main() -> None:
     loader = make_dataloader(dataset, plan, collator=collate, num_workers=args.workers)
     model = DistributedDataParallel(make_student(dataset.store.codec.vocab_size))
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    step, epoch = 0, 0
+    step, epoch, position = 0, 0, 0  # position: this rank's batches of ``epoch`` consumed
     if args.checkpoint and os.path.exists(args.checkpoint):
         saved = torch.load(args.checkpoint, weights_only=False)
         model.module.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         loader.load_state_dict(saved["loaders"][rank])  # each rank resumes its own stream
-        step, epoch = saved["step"], saved["epoch"]
+        step, epoch, position = saved["step"], saved["epoch"], saved["position"]
 
     while step < args.steps:
         set_epoch(loader, epoch)
@@ -82,20 +82,20 @@ def main() -> None:
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            step += 1
+            step, position = step + 1, position + 1
             if rank == 0:
                 print(f"epoch {epoch} step {step} loss {loss.item():.4f}", flush=True)
+            if position == len(loader):  # the epoch is done: a checkpoint taken now resumes at the next one
+                epoch, position = epoch + 1, 0
             if step == args.steps:
                 break
-        else:
-            epoch += 1
 
     if args.checkpoint:
         loaders = [None] * dist.get_world_size()
         dist.all_gather_object(loaders, loader.state_dict())
         if rank == 0:
             torch.save({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(), "loaders": loaders,
-                        "step": step, "epoch": epoch}, args.checkpoint)
+                        "step": step, "epoch": epoch, "position": position}, args.checkpoint)
     if rank == 0:
         print(f"done: {step} steps on {dist.get_world_size()} ranks", flush=True)
     dist.destroy_process_group()

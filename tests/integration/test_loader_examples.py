@@ -30,10 +30,11 @@ def run(args, cwd, timeout=240):
 def test_the_torchrun_example_trains_on_two_processes_and_resumes_from_its_checkpoint(store, tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 str(EXAMPLES / "train_ddp.py"), str(store), "--checkpoint", str(tmp_path / "ckpt.pt"), "--batch-size", "4"]
-    first = run(torchrun + ["--steps", "2"], tmp_path)
-    assert "step 2 loss" in first and "done: 2 steps on 2 ranks" in first
-    resumed = run(torchrun + ["--steps", "4"], tmp_path)
-    assert "step 3 loss" in resumed and "step 1 loss" not in resumed and "done: 4 steps on 2 ranks" in resumed
+    # 24 sequences, 2 ranks x 4 per batch: 3 steps per epoch, so the first run stops on an epoch's last batch
+    first = run(torchrun + ["--steps", "3"], tmp_path)
+    assert "epoch 0 step 3 loss" in first and "done: 3 steps on 2 ranks" in first
+    resumed = run(torchrun + ["--steps", "5"], tmp_path)  # goes on with epoch 1; it used to replay epoch 0
+    assert "epoch 1 step 4 loss" in resumed and "step 1 loss" not in resumed and "done: 5 steps on 2 ranks" in resumed
 
 
 def test_the_hf_trainer_example_trains_a_few_steps(store, tmp_path):
