@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/fidelity.py                       # 3-7 min on 2 shared CPU cores (docs/fidelity.md)
     .venv/bin/python benchmarks/fidelity.py --steps 20 --quick    # smoke run, a minute or two
+    .venv/bin/python benchmarks/fidelity.py --seeds 0,1,2,3 --timing-rounds 0   # mean +- SEM over seeds
 
 With the bundled teacher and a smaller student (a 2-layer, 64-wide Llama, ~0.39M parameters, same
 4096-token vocabulary), the same initial weights, the same batches in the same order (kdstore.train's
@@ -12,7 +13,10 @@ budget, optimizer and schedule, it trains:
   (b) online      full-vocabulary forward KL, the teacher run on every batch (dense_forward_kl)
   (c) top-K       forward KL from stores at K = 8, 32, 64 with the tail bucket
   (d) sampled     sampled_kl from stores of 16 / 64 draws from the full teacher (plus the minimum K=1 head)
-  (e) head+tail   sampled_kl mode "tail": exact top-8 head plus 16 draws from the teacher's tail
+  (e) head+tail   sampled_kl mode "tail": exact top-8 (top-16) head plus 16 (64) draws from the teacher's tail
+  (d'), (e')      the same with systematic draws (codec.sampled.scheme, docs/format.md) instead of iid ones
+  (f) diagnostic  64 fresh iid draws from the online teacher at every step: what (d) would give if a store's
+                  draws were not reused on every pass
 
 The teacher's held-out documents (scripts/train_teacher.py's 5% split, seed 0) are the validation set;
 the stores are built from its training documents. Reported per variant: validation CE (nats/token), the

@@ -134,12 +134,13 @@ def test_explicit_partition_flags_win_over_the_launcher_environment(monkeypatch)
 
 def test_build_config_file_is_read_and_flags_override_it(tmp_path, tiny_teacher, word_corpus):
     config = tmp_path / "build.toml"
-    config.write_text(f'teacher = "{tiny_teacher}"\nk = 5\nseq_len = 20\nsampled_draws = 16\nsampled_mode = "tail"\n')
+    config.write_text(f'teacher = "{tiny_teacher}"\nk = 5\nseq_len = 20\nsampled_draws = 16\nsampled_mode = "tail"\n'
+                      'sampled_scheme = "iid"\n')
     result = run(word_corpus, "--config", config, "-k", "6", "--out", tmp_path / "s")
     assert result.exit_code == 0, result.output
     store = open_store(tmp_path / "s")
     assert store.codec.k == 6 and store.manifest.build["seq_len"] == 20
-    assert store.codec.sampled_draws == 16 and store.verify() == []
+    assert (store.codec.sampled_draws, store.codec.sampled_scheme) == (16, "iid") and store.verify() == []
     sequence = next(store.iter_sequences())
     offsets = sequence["sampled_offsets"]
     for t in range(len(offsets) - 1):  # tail draws never hit a top-K id
