@@ -56,6 +56,8 @@ def info(store: str, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=1))
         return
     for key, value in summary.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
         click.echo(f"{key:>16}: {', '.join(value) if isinstance(value, list) else value}")
 
 

@@ -108,6 +108,7 @@ class Store:
             "tokenizer": m.tokenizer["name"],
             "vocab_size": self.codec.vocab_size,
             "k": self.codec.k,
+            "sampled": m.codec.get("sampled"),  # None, or {"draws", "mode", "scheme"}
             "columns": m.columns,
             "num_sequences": m.num_sequences,
             "num_tokens": m.num_tokens,

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from conftest import write_store
 from kdstore.cli.main import cli
+from kdstore.codec import CodecConfig
 
 
 def run(*args: str):
@@ -37,6 +38,14 @@ def test_info_text_names_teacher_and_bytes_per_token(store_path):
     result = run("info", store_path)
     assert result.exit_code == 0
     assert "synthetic" in result.output and "bytes_per_token" in result.output
+
+
+def test_info_names_the_sampled_draws(tmp_path):
+    codec = CodecConfig(k=4, vocab_size=100, sampled_draws=16, sampled_scheme="systematic")
+    result = run("info", write_store(tmp_path / "sampled", codec, num_sequences=2))
+    assert result.exit_code == 0 and "sampled: draws 16, mode full, scheme systematic" in result.output
+    as_json = json.loads(run("info", write_store(tmp_path / "plain", CodecConfig(k=4, vocab_size=100)), "--json").output)
+    assert as_json["sampled"] is None
 
 
 def test_verify_exits_zero_on_a_sound_store_and_one_listing_problems(store_path):
