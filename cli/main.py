@@ -113,6 +113,9 @@ def head(store: str, num_positions: int, top: int, sequence_id: str | None) -> N
 @click.option("--out", default=None, help="Store folder to write or resume. [default: kdstore-store]")
 @click.option("-k", "k", type=int, default=None, help="Top-K entries per position. [default: 64]")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence. [default: 256]")
+@click.option("--sampled-draws", type=int, default=None,
+              help="Also store N draws per position for the sampled_kl loss (systematic, from the whole distribution; "
+                   "mode and scheme via --config). [default: 0]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto. [default: auto]")
 @click.option("--split", type=click.Choice(["file", "blank-line"]), default=None,
@@ -134,6 +137,7 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
     Example:
       kdstore build --out demo-store
       kdstore build data/*.jsonl --teacher ./my-teacher --out store -k 64 --seq-len 1024
+      kdstore build data/ --teacher ./my-teacher --out sampled-store -k 1 --sampled-draws 128
       for i in 0 1 2 3; do kdstore build data/ --out store --num-partitions 4 --partition $i & done; wait
     """
     from kdstore.build import build as run_build

@@ -73,10 +73,9 @@ def test_stored_logprobs_match_a_dense_log_softmax_of_the_teacher(tmp_path, tiny
 def test_systematic_draws_give_every_id_the_floor_or_ceiling_of_its_expected_count(tmp_path, tiny_teacher, word_corpus):
     from transformers import AutoModelForCausalLM
 
-    config = tmp_path / "build.toml"
-    config.write_text(f'teacher = "{tiny_teacher}"\nk = 1\nseq_len = 24\nsampled_draws = 32\n'
-                      'sampled_scheme = "systematic"\n')
-    assert run(word_corpus, "--config", config, "--out", tmp_path / "s").exit_code == 0
+    result = run(word_corpus, "--teacher", tiny_teacher, "-k", "1", "--seq-len", "24", "--sampled-draws", "32",
+                 "--out", tmp_path / "s")  # systematic is the default scheme
+    assert result.exit_code == 0, result.output
     store = open_store(tmp_path / "s")
     assert store.manifest.codec["sampled"] == {"draws": 32, "mode": "full", "scheme": "systematic"}
     model = AutoModelForCausalLM.from_pretrained(tiny_teacher).eval()
