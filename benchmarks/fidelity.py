@@ -14,7 +14,8 @@ budget, optimizer and schedule, it trains:
   (c) top-K       forward KL from stores at K = 8, 32, 64 with the tail bucket
   (d) sampled     sampled_kl from stores of 16 / 64 draws from the full teacher (plus the minimum K=1 head)
   (e) head+tail   sampled_kl mode "tail": exact top-8 (top-16) head plus 16 (64) draws from the teacher's tail
-  (d'), (e')      the same with systematic draws (codec.sampled.scheme, docs/format.md) instead of iid ones
+  (d'), (e')      the same with systematic draws (codec.sampled.scheme, docs/format.md) instead of iid ones;
+                  (d') also with 128 and 192 draws
   (f) diagnostic  64 fresh iid draws from the online teacher at every step: what (d) would give if a store's
                   draws were not reused on every pass
 
@@ -283,9 +284,8 @@ def main() -> None:
     for seed in seeds:
         args.seed = seed
         results[seed], cosines[seed] = run_seed(stores, teacher, val, args)
-    rounds = args.timing_rounds
     timing = {f"hidden {h}, {n} layers": step_times(stores, teacher, args, h, n) for h, n in ((64, 2), (128, 4))
-              } if rounds else {}
+              } if args.timing_rounds else {}  # timed once, with the last seed's students
     report(results, cosines, timing, args, time.perf_counter() - started)
 
 
