@@ -14,6 +14,11 @@ to it when K = V; then the tail bucket is dropped (a stored tail at K = V is rou
 student's gradient this means: on a top-K id it is the full-vocabulary gradient; over the tail ids the
 teacher's tail mass is spread in proportion to the student's own tail probabilities.
 
+Sampled draws (``sampled_kl``, random-sampling KD): the store holds ids drawn from the teacher with their
+counts instead of (or, mode "tail", next to) a top-K head; the loss is divergences.sampled_cross_entropy, an
+unbiased estimate of the cross-entropy -sum_i p_i log q_i, so its gradient is unbiased for KL's. Its value
+(the ``kd`` metric) is KL plus the teacher's entropy, which a store does not record: it does not fall to 0.
+
 Temperature tau: the student is log_softmax(z / tau); the teacher buckets are re-tempered with
 kdstore.collate.retemper's formula (log_softmax of bucket log-probs / tau, which also renormalises
 quantised values), so the batch must hold the teacher at tau = 1: do not re-temper in the Collator or
