@@ -137,7 +137,7 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
     Example:
       kdstore build --out demo-store
       kdstore build data/*.jsonl --teacher ./my-teacher --out store -k 64 --seq-len 1024
-      kdstore build data/ --teacher ./my-teacher --out sampled-store -k 1 --sampled-draws 128
+      kdstore build data/ --teacher ./my-teacher --out sampled-store -k 1 --sampled-draws 192
       for i in 0 1 2 3; do kdstore build data/ --out store --num-partitions 4 --partition $i & done; wait
     """
     from kdstore.build import build as run_build
