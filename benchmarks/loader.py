@@ -35,7 +35,7 @@ from kdstore.build import BuildConfig, build  # noqa: E402
 from kdstore.collate import Collator  # noqa: E402
 from kdstore.loader import EpochBatchSampler, MemoryMappedDataset, StreamingDataset, convert_to_arrow  # noqa: E402
 from kdstore.shuffle import EpochPlan, PlanConfig  # noqa: E402
-from kdstore.sources import RowGroup  # noqa: E402
+from kdstore.loader import RowGroup  # noqa: E402
 from kdstore.store import open_store  # noqa: E402
 
 VOCAB = 32000

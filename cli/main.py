@@ -29,7 +29,17 @@ class _Group(click.Group):
             sys.exit(130)
 
 
-store_argument = click.argument("store", type=click.Path(file_okay=False))
+store_argument = click.argument("store")  # a folder or a URL: click.Path would mangle s3://bucket into s3:/bucket
+storage_option = click.option(
+    "--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+    help="fsspec option for a remote STORE (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")
+
+
+def _options(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    """--storage-option KEY=VALUE pairs -> a dict (None when there are none)."""
+    if any("=" not in pair or pair.startswith("=") for pair in pairs):
+        raise click.BadParameter("each --storage-option is KEY=VALUE", param_hint="--storage-option")
+    return dict(pair.split("=", 1) for pair in pairs) or None
 
 
 @click.group(cls=_Group)
@@ -41,17 +51,19 @@ def cli() -> None:
 @cli.command()
 @store_argument
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def info(store: str, as_json: bool) -> None:
+@storage_option
+def info(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Summarise a store: teacher, tokenizer, K, sequences, tokens, bytes/token, shards.
 
     \b
     Example:
       kdstore info my-store
       kdstore info my-store --json | jq .bytes_per_token
+      kdstore info s3://bucket/store --storage-option endpoint_url=http://127.0.0.1:9000
     """
     from kdstore.store import open_store
 
-    summary = open_store(store).summary()
+    summary = open_store(store, _options(storage_options)).summary()
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
@@ -63,17 +75,19 @@ def info(store: str, as_json: bool) -> None:
 
 @cli.command()
 @store_argument
-def verify(store: str) -> None:
-    """Check checksums, schema and invariants of every shard; exit 1 listing all problems.
+@storage_option
+def verify(store: str, storage_options: tuple[str, ...]) -> None:
+    """Check every shard (checksums, schema, invariants), the tokenizer files and the Arrow copy; exit 1 listing all problems.
 
     \b
     Example:
       kdstore verify my-store && echo sound
     """
     from kdstore.store import open_store
+    from kdstore.verify import verify_store
 
-    opened = open_store(store)
-    problems = opened.verify()
+    opened = open_store(store, _options(storage_options))
+    problems = verify_store(opened)
     if problems:
         for problem in problems:
             click.echo(f"problem: {problem}")
@@ -92,7 +106,8 @@ def _plural(count: int, noun: str) -> str:
 @click.option("-n", "num_positions", default=16, show_default=True, help="Positions to show.")
 @click.option("--top", default=5, show_default=True, help="Teacher alternatives per position.")
 @click.option("--sequence", "sequence_id", default=None, help="Sequence id to show (default: the first).")
-def head(store: str, num_positions: int, top: int, sequence_id: str | None) -> None:
+@storage_option
+def head(store: str, num_positions: int, top: int, sequence_id: str | None, storage_options: tuple[str, ...]) -> None:
     """Show the first positions of a sequence with the teacher's top alternatives.
 
     Tokens are decoded with the store's tokenizer when it ships one; otherwise ids are shown.
@@ -103,7 +118,7 @@ def head(store: str, num_positions: int, top: int, sequence_id: str | None) -> N
     """
     from kdstore.inspect import format_head
 
-    for line in format_head(store, num_positions, top, sequence_id):
+    for line in format_head(store, num_positions, top, sequence_id, _options(storage_options)):
         click.echo(line)
 
 
@@ -156,8 +171,7 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
 @click.option("--to", "target", type=click.Choice(["arrow"]), required=True, help="What to convert the store to.")
 @click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
               help="Folder for the copy. [default: STORE/_cache/arrow; required for a remote STORE]")
-@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
-              help="fsspec option for a remote STORE (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")
+@storage_option
 def convert(store: str, target: str, cache_dir: str | None, storage_options: tuple[str, ...]) -> None:
     """Write the uncompressed Arrow copy that the memory-mapped loader reads (otherwise made on first use).
 
@@ -170,12 +184,9 @@ def convert(store: str, target: str, cache_dir: str | None, storage_options: tup
       kdstore convert my-store --to arrow
       kdstore convert s3://bucket/store --to arrow --cache-dir /scratch/kd --storage-option endpoint_url=http://minio:9000
     """
-    from kdstore.loader import convert_to_arrow
+    from kdstore.arrow_copy import convert_to_arrow
 
-    options = dict(option.split("=", 1) for option in storage_options if "=" in option)
-    if len(options) != len(storage_options):
-        raise click.BadParameter("each --storage-option is KEY=VALUE", param_hint="--storage-option")
-    path = convert_to_arrow(store, cache_dir, options or None)
+    path = convert_to_arrow(store, cache_dir, _options(storage_options))
     click.echo(f"{target} copy: {path} ({path.stat().st_size:,} bytes)")
 
 

@@ -3,8 +3,8 @@
 Public API::
 
     import kdstore
-    store = kdstore.open_store("path/to/store")
-    problems = store.verify()
+    store = kdstore.open_store("path/to/store")      # or "s3://bucket/store", storage_options={...}
+    problems = kdstore.verify_store(store)           # [] when every check passes
 
     from kdstore.build import BuildConfig, build   # loads torch and transformers
     build(BuildConfig(corpus=("docs/",), teacher="my-teacher", out="store"))
@@ -16,6 +16,7 @@ from kdstore.codec import Codebook, CodecConfig, decode_positions, encode_positi
 from kdstore.errors import KdstoreError  # noqa: E402
 from kdstore.format import Manifest  # noqa: E402
 from kdstore.store import Store, open_store  # noqa: E402
+from kdstore.verify import verify_store  # noqa: E402
 from kdstore.writer import ShardWriter  # noqa: E402
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "decode_positions",
     "encode_positions",
     "open_store",
+    "verify_store",
 ]

@@ -32,7 +32,7 @@ from kdstore.codec import CodecConfig
 from kdstore.errors import FormatVersionError, ManifestError
 
 FORMAT_NAME = "kdstore"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards list footer_sha256 and row_group_sha256 (version 1 stores are read, checked whole)
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 PARTITION_DIR = "_partitions"
@@ -135,7 +135,20 @@ class ShardInfo:
     num_rows: int
     num_tokens: int
     num_bytes: int
-    sha256: str
+    sha256: str  # of the whole file
+    # sha256 of the footer and of each row group's byte range (kdstore.integrity): lets a loader check exactly
+    # the bytes it reads. None in version 1 stores, whose shards are checked whole before use.
+    footer_sha256: str | None = None
+    row_group_sha256: list[str] | None = None
+
+
+def shard_info(path: Path, relative: str, num_rows: int, num_tokens: int) -> ShardInfo:
+    """The manifest's record of a finished local shard file: sizes and checksums."""
+    from kdstore.integrity import local_reader, shard_checksums
+
+    size = path.stat().st_size
+    footer, row_groups = shard_checksums(local_reader(path), size, relative)
+    return ShardInfo(relative, num_rows, num_tokens, size, sha256_file(path), footer, row_groups)
 
 
 @dataclass
@@ -202,13 +215,15 @@ class Manifest:
             raise ManifestError(f"{source} is not a kdstore manifest")
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-            raise FormatVersionError(f"{source} has format version {version!r}; this kdstore reads version {FORMAT_VERSION}")
+            raise FormatVersionError(f"{source} has format version {version!r}; this kdstore reads versions 1 to {FORMAT_VERSION}")
         validate_manifest(data, source)
         data.pop("format")
         data.pop("stats", None)
         data["shards"] = [ShardInfo(**s) for s in data["shards"]]
         for shard in data["shards"]:
             safe_relative_path(shard.path)
+            if (shard.footer_sha256 is None) != (shard.row_group_sha256 is None) or (version > 1 and shard.footer_sha256 is None):
+                raise ManifestError(f"{source}: shard {shard.path} lacks its footer_sha256 or row_group_sha256")
         return cls(**data)
 
 

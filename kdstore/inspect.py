@@ -21,9 +21,10 @@ def load_store_tokenizer(store: Store) -> Any | None:
     return AutoTokenizer.from_pretrained(store.tokenizer_path, local_files_only=True)
 
 
-def format_head(path: str | os.PathLike[str], num_positions: int, top: int, sequence_id: str | None = None) -> Iterator[str]:
+def format_head(path: str | os.PathLike[str], num_positions: int, top: int, sequence_id: str | None = None,
+                storage_options: dict[str, Any] | None = None) -> Iterator[str]:
     """Lines showing ``num_positions`` positions of one sequence: next token, its p, top alternatives."""
-    store = open_store(path)
+    store = open_store(path, storage_options)
     if num_positions < 1 or top < 1:
         raise KdstoreError("-n and --top must be at least 1")
     sequence = next((s for s in store.iter_sequences() if sequence_id in (None, s["sequence_id"])), None)

@@ -28,14 +28,17 @@ order when W <= 1). docs/loader.md has the details.
   its own shuffle group, so the batches do not depend on how the store was cut
   into row groups; ``batch_stream`` yields a loader's batches epoch after epoch.
 
-Opening a store (local or fsspec) and reading its row groups is kdstore.sources;
-making the Arrow copy is kdstore.arrow_copy. Their public names are re-exported here.
+Both read through ``kdstore.store.Store`` (local or fsspec): every byte they
+serve was checked against the manifest's checksums, per Parquet row group or
+per record batch of the Arrow copy (kdstore.arrow_copy), and every shard's
+schema and footer against the manifest, before its values reach a batch.
 """
 
 from __future__ import annotations
 
 import mmap
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -46,20 +49,20 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-from kdstore.arrow_copy import CACHE_DIR, convert_to_arrow, store_fingerprint
+from kdstore.arrow_copy import ArrowCopy, convert_to_arrow
+from kdstore.codec import CodecConfig, decode_positions
 from kdstore.collate import Collator
-from kdstore.errors import KdstoreError, ResumeError, ShardCorruptError, ShardMissingError
-from kdstore.shuffle import EpochPlan, PlanConfig, distributed_rank, interleave_workers, worker_batches
-from kdstore.sources import (
+from kdstore.errors import (
+    ChecksumError,
     EmptyStoreError,
-    RowGroup,
-    StoreSource,
+    KdstoreError,
+    ResumeError,
+    ShardCorruptError,
+    ShardMissingError,
     TokenizerMismatchError,
-    check_tokenizer,
-    load_store,
-    read_row_group,
 )
-from kdstore.store import Store
+from kdstore.shuffle import EpochPlan, PlanConfig, distributed_rank, worker_batches
+from kdstore.store import Store, list_parts, open_store
 
 FAULT_AROUND_BYTES = 16 * mmap.PAGESIZE  # Linux maps up to fault_around_bytes (default 64 KiB) per fault
 DEFAULT_RELEASE_BYTES = 16 << 20  # bytes mapped in (see _mapped_bytes) between MADV_DONTNEED calls: RSS stays ~flat
@@ -78,32 +81,30 @@ class MemoryMappedDataset(Dataset):
                  cache_dir: str | os.PathLike[str] | None = None, student_tokenizer: Any = None,
                  allow_tokenizer_mismatch: bool = False, release_bytes: int = DEFAULT_RELEASE_BYTES,
                  storage_options: dict[str, Any] | None = None) -> None:
-        self.source = load_store(store, storage_options)
-        self.store = self.source.store
+        self.store = _open_nonempty(store, storage_options)
         if student_tokenizer is not None:
             check_tokenizer(self.store, student_tokenizer, allow_tokenizer_mismatch)
         self.columns = self.store.stored_columns(columns)
-        self.path = convert_to_arrow(self.source, cache_dir)
+        self.path = convert_to_arrow(self.store, cache_dir)
         self.release_bytes = release_bytes
         self._open()
 
     def _open(self) -> None:
-        with open(self.path, "rb") as handle:
-            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-        reader = pa.ipc.open_file(pa.py_buffer(self._map))
-        batches = [reader.get_batch(i).select(self.columns) for i in range(reader.num_record_batches)]
+        self._copy = ArrowCopy(self.store, self.path)  # schema and layout checked; contents on first touch
+        self._map = self._copy.map
+        batches = [b.select(self.columns) for b in self._copy.batches]
         self.group_sizes = [b.num_rows for b in batches]
         self._group_starts = np.cumsum([0] + self.group_sizes)
         if self._group_starts[-1] != self.store.manifest.num_sequences:
             raise ShardCorruptError(f"the Arrow copy {self.path} holds {self._group_starts[-1]} sequences, the manifest "
                                     f"{self.store.manifest.num_sequences}", hint=f"delete {self.path}; it is remade on next use")
         self._groups = [RowGroup(self.store.codec, b, int(s)) for b, s in zip(batches, self._group_starts)]
-        self._group_pages = [_mapped_pages(b, pa.py_buffer(self._map).address) for b in batches]
+        self._group_pages = [_mapped_pages(b, self._copy.base) for b in self._copy.batches]
         self._touched: set[int] = set()
         self._bytes_since_release = 0
 
     def __getstate__(self) -> dict[str, Any]:  # spawned workers map the file themselves
-        return {k: v for k, v in self.__dict__.items() if k not in ("_map", "_groups")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_map", "_groups", "_copy")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -117,6 +118,8 @@ class MemoryMappedDataset(Dataset):
             raise IndexError(f"sequence index {index} is outside 0..{len(self) - 1}")
         group = int(np.searchsorted(self._group_starts, index, side="right")) - 1
         row = index - int(self._group_starts[group])
+        if self._copy.check_batch(group):  # sha256 of the whole batch, once per process: maps it all in
+            self._bytes_since_release += self._group_pages[group][1]
         sample = self._groups[group].sample(row)
         self._touched.add(group)
         self._bytes_since_release += _mapped_bytes(self._groups[group], row)
@@ -231,8 +234,8 @@ class StreamingDataset(IterableDataset):
                  rank: int | None = None, num_ranks: int | None = None, student_tokenizer: Any = None,
                  allow_tokenizer_mismatch: bool = False, skip_bad_row_groups: bool = False,
                  storage_options: dict[str, Any] | None = None) -> None:
-        self.source = load_store(store, storage_options)
-        self.store, self.plan, self.skip_bad_row_groups = self.source.store, plan, skip_bad_row_groups
+        self.store = _open_nonempty(store, storage_options)
+        self.plan, self.skip_bad_row_groups = plan, skip_bad_row_groups
         if student_tokenizer is not None:
             check_tokenizer(self.store, student_tokenizer, allow_tokenizer_mismatch)
         self.columns = self.store.stored_columns(columns)
@@ -245,7 +248,7 @@ class StreamingDataset(IterableDataset):
     def _row_group_index(self) -> list[tuple[int, int, int]]:
         groups, first_row = [], 0
         for index, shard in enumerate(self.store.manifest.shards):
-            metadata = self.source.open_parquet(index).metadata
+            metadata = self.store.open_shard(index).metadata
             sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
             if sum(sizes) != shard.num_rows:
                 raise ShardCorruptError(f"shard {shard.path} holds {sum(sizes)} rows, the manifest says {shard.num_rows}")
@@ -301,9 +304,9 @@ class StreamingDataset(IterableDataset):
         shard_path = self.store.manifest.shards[shard_index].path
         try:
             if shard_index not in files:
-                files[shard_index] = self.source.open_parquet(shard_index)
-            table = read_row_group(files[shard_index], shard_path, row_group, self.columns)
-        except (ShardCorruptError, ShardMissingError) as exc:
+                files[shard_index] = self.store.open_shard(shard_index)
+            table = self.store.read_row_group(files[shard_index], shard_index, row_group, self.columns)
+        except (ShardCorruptError, ShardMissingError, ChecksumError) as exc:
             if not self.skip_bad_row_groups:
                 raise
             warnings.warn(f"skipping shard {shard_path} row group {row_group}: {exc}", stacklevel=2)
@@ -333,6 +336,67 @@ def _fill_skipped(rows: np.ndarray, readable: np.ndarray, spare: np.ndarray,
     filled = rows.copy()
     filled[~readable] = spare[np.arange((~readable).sum()) % spare.size]
     return filled, np.searchsorted(first_rows, filled, side="right") - 1
+
+
+# -- rows and checks shared by both datasets -------------------------------
+def _open_nonempty(store: str | os.PathLike[str] | Store, storage_options: dict[str, Any] | None) -> Store:
+    opened = open_store(store, storage_options)
+    if opened.manifest.num_sequences == 0:
+        raise EmptyStoreError(f"store {opened.location} has no sequences")
+    return opened
+
+
+class RowGroup:
+    """The rows of one row group (a Parquet row group read, or a mapped Arrow record batch) as samples.
+
+    Holds zero-copy numpy views of the list columns; ``sample`` slices them and decodes the top-K ids.
+    """
+
+    def __init__(self, codec: CodecConfig, batch: pa.RecordBatch | pa.Table, first_row: int) -> None:
+        self.codec, self.first_row, self.num_rows = codec, first_row, batch.num_rows
+        self.sequence_ids = batch.column("sequence_id") if "sequence_id" in batch.column_names else None
+        self.parts = {name: list_parts(batch.column(name)) for name in batch.column_names
+                      if pa.types.is_list(batch.schema.field(name).type)}
+
+    def sample(self, row: int) -> dict[str, Any]:
+        """Row ``row`` of the group: input_ids [T] int32, topk_ids [P, K] int32, the *_codes columns, index, ..."""
+        out: dict[str, Any] = {"index": self.first_row + row}
+        if self.sequence_ids is not None:
+            out["sequence_id"] = self.sequence_ids[row].as_py()
+        stored = {name: values[offsets[row]:offsets[row + 1]] for name, (values, offsets) in self.parts.items()}
+        codes = {name: stored.pop(name) for name in list(stored) if name.endswith("_codes")}  # left to the collator
+        if "topk_logprob_codes" in codes:
+            codes["topk_logprob_codes"] = codes["topk_logprob_codes"].reshape(-1, self.codec.k)
+        if "input_ids" in stored:
+            out["input_ids"] = stored.pop("input_ids")
+        out.update(codes)
+        out.update(decode_positions(self.codec, stored))  # topk_ids [P, K] int32; sampled ids and counts
+        return out
+
+
+def check_tokenizer(store: Store, student_tokenizer: Any, allow_mismatch: bool = False) -> None:
+    """Refuse a student tokenizer (a folder, hub id or tokenizer object) whose files hash differs from the store's."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from kdstore.build import tokenizer_info  # the same hash the build recorded
+
+    tokenizer = student_tokenizer
+    if isinstance(student_tokenizer, (str, os.PathLike)):
+        tokenizer = AutoTokenizer.from_pretrained(student_tokenizer)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        student = tokenizer_info(tokenizer, Path(scratch))
+    recorded = store.manifest.tokenizer
+    if recorded.get("files_sha256") == student["files_sha256"]:
+        return
+    name = str(student_tokenizer) if isinstance(student_tokenizer, (str, os.PathLike)) else student["name"]
+    message = (f"the store was made with tokenizer {recorded.get('name')!r} (files sha256 "
+               f"{str(recorded.get('files_sha256'))[:12]}), the student tokenizer {name!r} has {student['files_sha256'][:12]}")
+    if not allow_mismatch:
+        raise TokenizerMismatchError(message)
+    warnings.warn(f"{message}; going on because allow_tokenizer_mismatch=True", stacklevel=3)
 
 
 # -- wiring -----------------------------------------------------------------
@@ -375,9 +439,5 @@ def batch_stream(loader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         epoch += 1
 
 
-# the loader's public names; the ones that live in kdstore.sources / kdstore.arrow_copy / kdstore.errors are
-# re-exported so `from kdstore.loader import ...` keeps working for every name this module had before the split
-__all__ = ["CACHE_DIR", "Collator", "EmptyStoreError", "EpochBatchSampler", "MemoryMappedDataset", "PlanConfig",
-           "ResumeError", "RowGroup", "Sequences", "StoreSource", "StreamingDataset", "TokenizerMismatchError",
-           "batch_stream", "check_tokenizer", "convert_to_arrow", "interleave_workers", "load_store", "make_dataloader",
-           "read_row_group", "set_epoch", "store_fingerprint"]
+__all__ = ["EpochBatchSampler", "MemoryMappedDataset", "RowGroup", "Sequences", "StreamingDataset", "batch_stream",
+           "check_tokenizer", "make_dataloader", "set_epoch"]

@@ -1,20 +1,24 @@
-"""Open a store, read it back (Arrow, numpy or torch, with column projection), verify it.
+"""The one owner of store I/O: open a store (a local folder or any fsspec URL), list, check and read its shards.
 
-    store = kdstore.open_store("store")
+    store = kdstore.open_store("store")                          # or "s3://bucket/store", storage_options={...}
     for batch in store.iter_batches(columns=["input_ids", "topk_ids", "topk_logprobs"]):
         ...                     # one row group: ragged arrays + offsets
-    problems = store.verify()   # [] when every check passes
+    parquet = store.open_shard(0)                                # checked footer, schema and essentials
+    table = store.read_row_group(parquet, 0, group=3, columns=["input_ids"])
 
-A decoded batch is "ragged": all positions of its sequences stacked, with
-offsets saying where each sequence starts (docs/format.md lists the keys).
+Every read goes through ``open_shard``, which serves the Parquet reader only
+bytes whose sha256 matched the manifest (kdstore.integrity), and checks the
+shard's schema and footer essentials against the manifest before a row is
+read. A decoded batch is "ragged": all positions of its sequences stacked,
+with offsets saying where each sequence starts (docs/format.md lists the keys).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +34,9 @@ from kdstore.errors import (
     SchemaError,
     ShardCorruptError,
     ShardMissingError,
+    StorageError,
     StoreNotFoundError,
+    UnsafeFileError,
 )
 from kdstore.format import (
     MANIFEST_NAME,
@@ -43,8 +49,10 @@ from kdstore.format import (
     ShardInfo,
     logits_schema,
     safe_relative_path,
-    sha256_file,
 )
+from kdstore.integrity import RangeReader, VerifiedShardFile, shard_checksums
+
+HASH_CHUNK_BYTES = 4 << 20  # a whole-file sha256 reads this much at a time
 
 # decoded name -> stored columns it needs
 DECODED_COLUMNS: dict[str, tuple[str, ...]] = {
@@ -59,48 +67,137 @@ DECODED_COLUMNS: dict[str, tuple[str, ...]] = {
 }
 
 
-def open_store(path: str | os.PathLike[str]) -> Store:
-    """Open the store at ``path`` (a folder holding ``manifest.json``)."""
-    root = Path(path)
-    manifest_path = root / MANIFEST_NAME
-    if not manifest_path.is_file():
-        if not root.exists():
-            raise StoreNotFoundError(f"no store at {root}: the folder does not exist")
-        records = list((root / PARTITION_DIR).glob("part-*.json"))
-        if records or (root / "shards").is_dir():
-            raise StoreNotFoundError(
-                f"{root} holds an unfinished store ({len(records)} partition(s) finished, no manifest yet)",
-                hint="rerun the build to resume it, or finish the missing partitions",
-            )
-        raise StoreNotFoundError(f"{root} is not a kdstore store: it has no {MANIFEST_NAME}")
-    return Store(root, Manifest.from_json(manifest_path.read_text(), str(manifest_path)))
+# an fsspec scheme -> the package that implements it, for the "install ..." line
+_BACKENDS = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "hf": "huggingface_hub", "az": "adlfs",
+             "abfs": "adlfs", "abfss": "adlfs", "http": "aiohttp", "https": "aiohttp"}
 
 
-@dataclass
+def is_url(location: str | os.PathLike[str]) -> bool:
+    return "://" in str(location)
+
+
+def filesystem(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(fsspec filesystem, path inside it) of a local path or URL; a missing backend names its package."""
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(str(location), **(storage_options or {}))
+    except ImportError:
+        scheme = str(location).split("://", 1)[0]
+        package = _BACKENDS.get(scheme, f"the fsspec backend for {scheme}://")
+        raise StorageError(f"reading {scheme}:// URLs such as {location} needs {package}, which is not installed",
+                           hint=f"pip install {package}") from None
+    except (ValueError, TypeError) as exc:
+        raise StorageError(f"cannot open {location}: {exc}") from None
+    return fs, path.rstrip("/") or path
+
+
+def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[str, Any] | None = None) -> Store:
+    """Open the store at ``location``: a local folder or an fsspec URL (``s3://``, ``gs://``, ``hf://``, ``file://``)."""
+    if isinstance(location, Store):
+        return location
+    text = str(location)
+    fs, root = filesystem(text, storage_options)
+    store_is_local = _is_local(fs)
+    if store_is_local and not os.path.isdir(root):
+        reason = "the folder does not exist" if not os.path.exists(root) else "it is a file, not a store folder"
+        raise StoreNotFoundError(f"no store at {text}: {reason}")
+    try:
+        manifest_text = fs.cat_file(f"{root}/{MANIFEST_NAME}").decode()
+    except FileNotFoundError:
+        _refuse_unfinished(fs, root, text)
+        raise StoreNotFoundError(f"{text} is not a kdstore store: it has no {MANIFEST_NAME}") from None
+    except UnicodeDecodeError:
+        raise ManifestError(f"{text}/{MANIFEST_NAME} is not text") from None
+    except Exception as exc:  # noqa: BLE001  every backend has its own errors (botocore, aiohttp, ...): name the URL once
+        raise StorageError(f"cannot read {text}/{MANIFEST_NAME}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+                           hint=_access_hint(text)) from None
+    manifest = Manifest.from_json(manifest_text, f"{text}/{MANIFEST_NAME}")
+    return Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs)
+
+
+def _is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _access_hint(location: str) -> str:
+    if location.startswith(("s3://", "s3a://")):
+        return ("check the bucket name and credentials: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or "
+                "--storage-option key=... secret=... endpoint_url=...")
+    if location.startswith(("gs://", "gcs://")):
+        return "check the bucket name and GOOGLE_APPLICATION_CREDENTIALS, or --storage-option token=..."
+    if location.startswith("hf://"):
+        return "check the repo id and HF_TOKEN"
+    return "check the URL, its credentials (--storage-option KEY=VALUE) and the network"
+
+
+def _refuse_unfinished(fs: Any, root: str, location: str) -> None:
+    try:
+        records = fs.glob(f"{root}/{PARTITION_DIR}/part-*.json")
+        has_shards = fs.isdir(f"{root}/shards")
+    except Exception:  # noqa: BLE001  only refines the message below
+        return
+    if records or has_shards:
+        raise StoreNotFoundError(
+            f"{location} holds an unfinished store ({len(records)} partition(s) finished, no manifest yet)",
+            hint="rerun the build to resume it, or finish the missing partitions")
+
+
 class Store:
-    root: Path
-    manifest: Manifest
+    """An opened store: its manifest, codec and schema, and the filesystem its files live in.
 
-    def __post_init__(self) -> None:
-        if self.manifest.table != TABLE_LOGITS:
-            raise ManifestError(f"{self.root} is a {self.manifest.table!r} store; "
-                                "only 'logits' stores can be read in this version")
-        self.codec: CodecConfig = self.manifest.codec_config()
-        scores = tuple(c for c in self.manifest.columns if c in SCORE_COLUMNS)
+    ``location``: as given (for messages); ``root``: the folder inside ``fs``; ``storage_options``: None for a
+    local store, else the fsspec options a worker process needs to reach it again.
+    """
+
+    def __init__(self, location: str, manifest: Manifest, storage_options: dict[str, Any] | None, root: str,
+                 fs: Any = None) -> None:
+        self.location, self.manifest, self.storage_options, self.root = location, manifest, storage_options, root
+        self._fs = (os.getpid(), fs) if fs is not None else None
+        self._checked_whole: set[str] = set()  # version 1 shards whose whole-file sha256 matched, this process
+        if manifest.table != TABLE_LOGITS:
+            raise ManifestError(f"{location} is a {manifest.table!r} store; only 'logits' stores can be read in this version")
+        self.codec: CodecConfig = manifest.codec_config()
+        scores = tuple(c for c in manifest.columns if c in SCORE_COLUMNS)
         self.schema = logits_schema(self.codec, scores)
-        if list(self.schema.names) != list(self.manifest.columns):
-            raise ManifestError(f"manifest columns {self.manifest.columns} do not match its codec {self.schema.names}")
+        if list(self.schema.names) != list(manifest.columns):
+            raise ManifestError(f"manifest columns {manifest.columns} do not match its codec {self.schema.names}")
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem, made once per process.
+
+        A forked DataLoader worker must not use its parent's: fsspec's async filesystems (s3fs, gcsfs)
+        raise "This class is not fork-safe" there (tests/integration/test_remote.py met it).
+        """
+        if self._fs is None or self._fs[0] != os.getpid():
+            self._fs = (os.getpid(), filesystem(self.location, self.storage_options)[0])
+        return self._fs[1]
+
+    def __getstate__(self) -> dict[str, Any]:  # a spawned worker makes its own filesystem and checks
+        return {**self.__dict__, "_fs": None, "_checked_whole": set()}
+
+    @property
+    def is_local(self) -> bool:
+        return self.storage_options is None
+
+    @property
+    def local_root(self) -> Path | None:
+        """The store's folder on this machine, or None for a remote store."""
+        return Path(self.root) if self.is_local else None
 
     @property
     def tokenizer_path(self) -> Path | None:
-        path = self.root / TOKENIZER_DIR
-        return path if path.is_dir() else None
+        path = Path(self.root) / TOKENIZER_DIR if self.is_local else None
+        return path if path is not None and path.is_dir() else None
 
     def summary(self) -> dict[str, Any]:
         """What ``kdstore info`` prints."""
         m = self.manifest
         return {
-            "path": str(self.root),
+            "path": self.location,
             "format_version": m.format_version,
             "table": m.table,
             "teacher": m.teacher["model"],
@@ -121,6 +218,107 @@ class Store:
             "kdstore_version": m.kdstore_version,
         }
 
+    # -- files -------------------------------------------------------------
+    def file_path(self, relative: str) -> str:
+        """Path inside ``fs`` of a file the manifest names; a local one must be a regular file inside the store."""
+        path = f"{self.root}/{safe_relative_path(relative)}"
+        if self.is_local and os.path.lexists(path):
+            real, inside = os.path.realpath(path), os.path.realpath(self.root)
+            if os.path.islink(path) or os.path.commonpath([real, inside]) != inside:
+                raise UnsafeFileError(f"{relative} in {self.location} is a symbolic link or lies outside the store")
+        return path
+
+    def _shard(self, shard: ShardInfo | int) -> ShardInfo:
+        return self.manifest.shards[shard] if isinstance(shard, int) else shard
+
+    def _reader(self, shard: ShardInfo) -> RangeReader:
+        path, fs, location = self.file_path(shard.path), self.fs, self.location
+
+        def read(start: int, end: int) -> bytes:
+            try:
+                if self.is_local:
+                    with open(path, "rb") as handle:
+                        return os.pread(handle.fileno(), end - start, start)
+                return fs.cat_file(path, start=start, end=end)
+            except FileNotFoundError:
+                raise ShardMissingError(f"shard {shard.path} listed in the manifest is missing from {location}") from None
+            except OSError as exc:
+                raise StorageError(f"cannot read shard {shard.path} of {location}: {exc}", hint=_access_hint(location)) from None
+        return read
+
+    def _size(self, shard: ShardInfo) -> int:
+        path = self.file_path(shard.path)
+        try:
+            size = os.path.getsize(path) if self.is_local else self.fs.size(path)
+        except FileNotFoundError:
+            raise ShardMissingError(f"shard {shard.path} listed in the manifest is missing from {self.location}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read shard {shard.path} of {self.location}: {exc}",
+                               hint=_access_hint(self.location)) from None
+        if size != shard.num_bytes:
+            raise ChecksumError(f"shard {shard.path} has {size} bytes; the manifest says {shard.num_bytes} (truncated or replaced)")
+        return size
+
+    def check_shard_file(self, shard: ShardInfo | int) -> None:
+        """The whole file against the manifest: size, sha256, and (format 2) footer and row-group checksums."""
+        shard = self._shard(shard)
+        size = self._size(shard)
+        read = self._reader(shard)
+        digest = hashlib.sha256()
+        for start in range(0, size, HASH_CHUNK_BYTES):
+            digest.update(read(start, min(size, start + HASH_CHUNK_BYTES)))
+        if digest.hexdigest() != shard.sha256:
+            raise ChecksumError(f"shard {shard.path} does not match its sha256 in the manifest")
+        if shard.footer_sha256 is not None:
+            footer, row_groups = shard_checksums(read, size, shard.path)
+            if (footer, row_groups) != (shard.footer_sha256, shard.row_group_sha256):
+                raise ChecksumError(f"shard {shard.path} matches its sha256 but not its footer or row-group checksums")
+        self._checked_whole.add(shard.path)
+
+    def open_shard(self, shard: ShardInfo | int) -> pq.ParquetFile:
+        """A shard as a ParquetFile that reads only verified bytes, its schema and essentials checked."""
+        shard = self._shard(shard)
+        size = self._size(shard)
+        if shard.footer_sha256 is not None:
+            verified = VerifiedShardFile(self._reader(shard), size, shard.footer_sha256, shard.row_group_sha256 or [],
+                                         shard.path)
+            parquet = _parquet_file(verified, shard, metadata=verified.metadata)
+        else:  # version 1: no per-row-group checksums, so the whole file is checked once per process
+            if shard.path not in self._checked_whole:
+                self.check_shard_file(shard)
+            parquet = _parquet_file(self.fs.open(self.file_path(shard.path), "rb"), shard)
+        self._check_footer(shard, parquet)
+        return parquet
+
+    def _check_footer(self, shard: ShardInfo, parquet: pq.ParquetFile) -> None:
+        metadata = parquet.schema_arrow.metadata or {}
+        try:
+            essentials = json.loads(metadata[METADATA_KEY])
+        except (KeyError, ValueError):
+            raise SchemaError(f"shard {shard.path} has no readable kdstore metadata in its footer") from None
+        identity = self.manifest.identity()
+        different = [key for key in identity if essentials.get(key) != identity[key]]
+        if different:
+            raise ManifestError(f"shard {shard.path}: its footer and the manifest disagree on {', '.join(different)}")
+        found = parquet.schema_arrow.remove_metadata()
+        if not found.equals(self.schema):
+            raise SchemaError(f"shard {shard.path}: schema {describe_schema(found)} differs from the manifest's "
+                              f"{describe_schema(self.schema)}")
+        rows = parquet.metadata.num_rows
+        if rows != shard.num_rows:
+            raise ManifestError(f"shard {shard.path} holds {rows} rows, the manifest says {shard.num_rows}")
+
+    def read_row_group(self, parquet: pq.ParquetFile, shard: ShardInfo | int, group: int,
+                       columns: list[str] | None = None) -> pa.Table:
+        """Row group ``group`` of an opened shard; a damaged one is a named error naming shard and row group."""
+        shard = self._shard(shard)
+        try:
+            return parquet.read_row_group(group, columns=columns)
+        except KdstoreError:
+            raise
+        except (OSError, pa.ArrowException) as exc:  # a page checksum, a bad encoding, ...
+            raise ShardCorruptError(f"shard {shard.path} row group {group} cannot be read: {exc}") from None
+
     # -- reading -----------------------------------------------------------
     def stored_columns(self, columns: list[str] | None) -> list[str]:
         """Decoded names (None: all) -> the stored columns to read."""
@@ -134,25 +332,13 @@ class Store:
             stored += [c for c in DECODED_COLUMNS[name] if c not in stored]
         return stored
 
-    def open_shard(self, shard: ShardInfo) -> pq.ParquetFile:
-        path = self.root / safe_relative_path(shard.path)
-        if not path.is_file():
-            raise ShardMissingError(f"shard {shard.path} listed in the manifest is missing from {self.root}")
-        try:
-            return pq.ParquetFile(path, page_checksum_verification=True)
-        except (OSError, pa.ArrowException) as exc:
-            raise ShardCorruptError(f"shard {shard.path} cannot be opened: {exc}") from None
-
     def iter_tables(self, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """Stored (encoded) columns, one Table per row group, in manifest order."""
         stored = self.stored_columns(columns)
         for shard in self.manifest.shards:
             parquet = self.open_shard(shard)
             for group in range(parquet.num_row_groups):
-                try:
-                    yield parquet.read_row_group(group, columns=stored)
-                except (OSError, pa.ArrowException) as exc:
-                    raise ShardCorruptError(f"shard {shard.path} row group {group} cannot be read: {exc}") from None
+                yield self.read_row_group(parquet, shard, group, stored)
 
     def iter_batches(self, columns: list[str] | None = None, format: str = "numpy") -> Iterator[dict[str, Any]]:
         """Decoded ragged batches, one per row group. ``format``: "numpy" or "torch"."""
@@ -165,11 +351,18 @@ class Store:
         for batch in self.iter_batches(columns, format):
             yield from split_batch(batch)
 
-    def verify(self) -> list[str]:
-        """Check every shard fully; return every problem found (empty list: the store is sound)."""
-        from kdstore.verify import verify_store  # the checks live in their own module
 
-        return verify_store(self)
+def _parquet_file(source: Any, shard: ShardInfo, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(source, metadata=metadata, page_checksum_verification=True)
+    except KdstoreError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise ShardCorruptError(f"shard {shard.path} cannot be opened: {exc}") from None
+
+
+def describe_schema(schema: pa.Schema) -> str:
+    return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
 
 
 def _present(store: Store, name: str) -> bool:
@@ -252,23 +445,3 @@ def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     return {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v for k, v in batch.items()}
-
-
-def shard_essentials(store: Store, shard: ShardInfo) -> dict[str, Any]:
-    """The kdstore key-value metadata of one shard's footer."""
-    metadata = store.open_shard(shard).schema_arrow.metadata or {}
-    if METADATA_KEY not in metadata:
-        raise SchemaError(f"shard {shard.path} has no kdstore metadata in its footer")
-    return json.loads(metadata[METADATA_KEY])
-
-
-def check_shard_file(store: Store, shard: ShardInfo) -> None:
-    """Size and sha256 of one shard against the manifest; raises on the first mismatch."""
-    path = store.root / safe_relative_path(shard.path)
-    if not path.is_file():
-        raise ShardMissingError(f"shard {shard.path} listed in the manifest is missing from {store.root}")
-    size = path.stat().st_size
-    if size != shard.num_bytes:
-        raise ChecksumError(f"shard {shard.path} has {size} bytes; the manifest says {shard.num_bytes} (truncated or replaced)")
-    if sha256_file(path) != shard.sha256:
-        raise ChecksumError(f"shard {shard.path} does not match its sha256 in the manifest")

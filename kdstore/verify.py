@@ -1,9 +1,14 @@
-"""``Store.verify``: every check a store must pass, reporting all problems, not the first.
+"""``verify_store``: every check a store must pass, reporting all problems, not the first.
 
-Per shard: the file is there, its size and sha256 match the manifest, its
-footer carries the store's essentials, its schema is the format's, its row and
-token counts match, every page passes its checksum, and every row satisfies
-the invariants below. Across the store: sequence ids are unique.
+    problems = verify_store(open_store("store"))   # [] when every check passes
+
+Per shard: the file is a regular file inside the store (no symbolic link), its
+size, sha256 and (format 2) footer and row-group checksums match the manifest,
+its footer carries the store's essentials, its schema is the format's, its row
+and token counts match, every page passes its checksum, and every row
+satisfies the invariants below. Across the store: sequence ids are unique, the
+tokenizer files match the manifest's sha256, and the Arrow copy of the current
+manifest, when there is one, matches its sidecar byte for byte.
 
 Row invariants (vectorised over a row group):
 * lengths: a sequence of T tokens has T - 1 positions and (T - 1) * K top-K entries;
@@ -18,17 +23,17 @@ Row invariants (vectorised over a row group):
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
+from kdstore.arrow_copy import ArrowCopy, copy_path, sidecar_path
 from kdstore.codec import CodecConfig, sum_check_tolerance
 from kdstore.errors import KdstoreError
-from kdstore.store import check_shard_file, list_parts, shard_essentials
-
-if TYPE_CHECKING:
-    from kdstore.store import Store
+from kdstore.format import TOKENIZER_DIR, sha256_named_files
+from kdstore.store import Store, list_parts
 
 MAX_EXAMPLES = 3  # rows named per failed check, so a broken store does not flood the terminal
 
@@ -44,27 +49,57 @@ def verify_store(store: Store) -> list[str]:
             _verify_shard(store, shard, seen_ids, problems)
         except KdstoreError as exc:
             problems.append(str(exc))
+    problems += _tokenizer_problems(store)
+    problems += _arrow_copy_problems(store)
     return problems
 
 
+def _tokenizer_problems(store: Store) -> list[str]:
+    """The tokenizer files the manifest lists, against its files_sha256 (local stores)."""
+    recorded = store.manifest.tokenizer
+    listed = recorded.get("files")
+    if not listed or store.local_root is None:
+        return []
+    folder = store.local_root / TOKENIZER_DIR
+    try:
+        paths = [Path(store.file_path(name)) for name in listed]
+    except KdstoreError as exc:
+        return [str(exc)]
+    found = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    if found != sorted(p.name for p in paths):
+        return [f"tokenizer: {folder} holds {found or 'no files'}, the manifest lists {sorted(p.name for p in paths)}"]
+    if sha256_named_files(sorted(paths)) != recorded.get("files_sha256"):
+        return [f"tokenizer: the files in {folder} do not match files_sha256 in the manifest"]
+    return []
+
+
+def _arrow_copy_problems(store: Store) -> list[str]:
+    """The Arrow copy of this manifest in STORE/_cache/arrow, when there is one, byte for byte against its sidecar."""
+    if store.local_root is None:
+        return []
+    path = copy_path(store)
+    if not path.exists() and not sidecar_path(path).exists():
+        return []
+    try:
+        copy = ArrowCopy(store, path)
+        try:
+            copy.check_all()
+        finally:
+            copy.close()
+    except (KdstoreError, OSError) as exc:
+        return [str(exc) if isinstance(exc, KdstoreError) else f"the Arrow copy {path} cannot be read: {exc}"]
+    return []
+
+
 def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[str]) -> None:
-    check_shard_file(store, shard)
-    essentials = shard_essentials(store, shard)
-    identity = store.manifest.identity()
-    different = [key for key in identity if essentials.get(key) != identity[key]]
-    if different:
-        problems.append(f"shard {shard.path}: footer metadata disagrees with the manifest on {', '.join(different)}")
-    parquet = store.open_shard(shard)
-    found = parquet.schema_arrow.remove_metadata()
-    if not found.equals(store.schema):
-        problems.append(f"shard {shard.path}: schema {_describe(found)} differs from the format's {_describe(store.schema)}")
-        return
+    store.check_shard_file(shard)
+    parquet = store.open_shard(shard)  # footer essentials, schema and row count against the manifest
     rows = tokens = 0
     for group in range(parquet.num_row_groups):
         try:
-            table = parquet.read_row_group(group)
-        except (OSError, pa.ArrowException) as exc:
-            problems.append(f"shard {shard.path} row group {group}: cannot be read ({exc})")
+            table = store.read_row_group(parquet, shard, group)
+        except KdstoreError as exc:
+            problems.append(str(exc))
             continue
         where = f"shard {shard.path} row group {group}"
         problems += [f"{where}: {p}" for p in check_rows(store.codec, table)]
@@ -77,10 +112,6 @@ def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[s
     if (rows, tokens) != (shard.num_rows, shard.num_tokens):
         problems.append(f"shard {shard.path}: holds {rows} sequences / {tokens} tokens; "
                         f"the manifest says {shard.num_rows} / {shard.num_tokens}")
-
-
-def _describe(schema: pa.Schema) -> str:
-    return "(" + ", ".join(f"{f.name}: {f.type}" for f in schema) + ")"
 
 
 def _examples(ids: list[str], row_of: np.ndarray, bad: np.ndarray) -> str:

@@ -9,6 +9,7 @@ import pytest
 from kdstore.codec import Codebook, CodecConfig
 from kdstore.errors import FormatVersionError, ManifestError
 from kdstore.format import (
+    FORMAT_VERSION,
     SCORE_COLUMNS,
     Manifest,
     arrow_schema_to_spec,
@@ -71,10 +72,19 @@ def test_sampled_scheme_is_recorded_and_a_manifest_without_it_reads_as_iid():
 
 def test_newer_format_version_is_refused_with_upgrade_hint():
     data = _manifest_json(CodecConfig(k=4, vocab_size=100))
-    data["format_version"] = 2
-    with pytest.raises(FormatVersionError, match="version 2") as info:
+    data["format_version"] = FORMAT_VERSION + 1
+    with pytest.raises(FormatVersionError, match=f"version {FORMAT_VERSION + 1}") as info:
         Manifest.from_json(json.dumps(data))
     assert "upgrade" in info.value.hint
+
+
+def test_a_version_2_shard_without_row_group_checksums_is_refused_and_version_1_reads_without_them():
+    data = _manifest_json(CodecConfig(k=4, vocab_size=100))
+    data["shards"] = [{"path": "shards/a.parquet", "num_rows": 1, "num_tokens": 2, "num_bytes": 3, "sha256": "0" * 64}]
+    with pytest.raises(ManifestError, match="footer_sha256"):
+        Manifest.from_json(json.dumps(data))
+    data["format_version"] = 1
+    assert Manifest.from_json(json.dumps(data)).shards[0].row_group_sha256 is None
 
 
 @pytest.mark.parametrize("path", ["../x.parquet", "/etc/x.parquet", "shards/../../x.parquet"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,9 @@ from kdstore.errors import (
     ShardMissingError,
     StoreNotFoundError,
 )
-from kdstore.format import sha256_file
+from kdstore.format import shard_info
 from kdstore.store import open_store
+from kdstore.verify import verify_store
 
 
 def _edit_manifest(path: Path, edit) -> None:
@@ -32,7 +34,7 @@ def _edit_manifest(path: Path, edit) -> None:
 
 
 def _rewrite_shard(path: Path, index: int, mutate, keep_schema: bool = True) -> None:
-    """Rewrite shard ``index`` through ``mutate(table) -> table`` and make the manifest agree (sha, size)."""
+    """Rewrite shard ``index`` through ``mutate(table) -> table`` and make the manifest agree (size, checksums)."""
     data = json.loads((path / "manifest.json").read_text())
     shard = path / data["shards"][index]["path"]
     table = pq.read_table(shard)
@@ -40,7 +42,8 @@ def _rewrite_shard(path: Path, index: int, mutate, keep_schema: bool = True) -> 
     table = mutate(table)
     table = table.cast(schema) if keep_schema else table.replace_schema_metadata(schema.metadata)
     pq.write_table(table, shard)
-    data["shards"][index].update(num_bytes=shard.stat().st_size, sha256=sha256_file(shard))
+    relative = data["shards"][index]["path"]
+    data["shards"][index].update(asdict(shard_info(shard, relative, table.num_rows, data["shards"][index]["num_tokens"])))
     (path / "manifest.json").write_text(json.dumps(data))
 
 
@@ -68,7 +71,7 @@ def test_projection_reads_only_the_asked_columns_and_torch_format_gives_tensors(
 
 
 def test_clean_store_verifies(store_path):
-    assert open_store(store_path).verify() == []
+    assert verify_store(open_store(store_path)) == []
 
 
 def test_missing_folder_and_folder_without_manifest_are_named(tmp_path):
@@ -106,7 +109,7 @@ def test_verify_reports_every_problem_not_just_the_first(store_path):
     size = (store_path / shards[2]["path"]).stat().st_size
     with open(store_path / shards[2]["path"], "r+b") as handle:
         handle.truncate(size // 2)
-    problems = open_store(store_path).verify()
+    problems = verify_store(open_store(store_path))
     assert len(problems) == 3, problems
     assert "missing" in problems[0] and shards[0]["path"] in problems[0]
     assert "sha256" in problems[1]
@@ -126,7 +129,7 @@ def test_wrong_column_types_are_reported(store_path):
         return table.set_column(table.schema.get_field_index("topk_id_deltas"), "topk_id_deltas", column)
 
     _rewrite_shard(store_path, 0, widen, keep_schema=False)
-    problems = open_store(store_path).verify()
+    problems = verify_store(open_store(store_path))
     assert len(problems) == 1 and "schema" in problems[0] and "int64" in problems[0]
 
 
@@ -140,7 +143,7 @@ def test_ids_out_of_range_and_repeated_ids_are_reported(store_path, codec):
         return table.set_column(table.schema.get_field_index("topk_id_deltas"), "topk_id_deltas", fixed)
 
     _rewrite_shard(store_path, 0, corrupt)
-    problems = open_store(store_path).verify()
+    problems = verify_store(open_store(store_path))
     assert any(">= vocab_size 300" in p and "seq-00000" in p for p in problems), problems
     assert any("not strictly ascending" in p for p in problems), problems
 
@@ -153,7 +156,7 @@ def test_probabilities_that_do_not_sum_to_one_are_reported(store_path):
         return table.set_column(table.schema.get_field_index("tail_logmass_codes"), "tail_logmass_codes", fixed)
 
     _rewrite_shard(store_path, 1, drop_tail)
-    problems = open_store(store_path).verify()
+    problems = verify_store(open_store(store_path))
     assert problems and all("sum(p) + tail is not 1" in p for p in problems)
 
 
@@ -164,7 +167,7 @@ def test_lengths_inconsistent_with_tokens_are_reported(store_path):
         return table.set_column(table.schema.get_field_index("input_ids"), "input_ids", shorter)
 
     _rewrite_shard(store_path, 0, shorten)
-    problems = open_store(store_path).verify()
+    problems = verify_store(open_store(store_path))
     assert any("length does not fit their tokens" in p for p in problems), problems
 
 
@@ -174,16 +177,14 @@ def test_duplicate_sequence_ids_are_reported(store_path):
         return table.set_column(0, "sequence_id", names)
 
     _rewrite_shard(store_path, 1, rename)
-    problems = open_store(store_path).verify()
+    problems = verify_store(open_store(store_path))
     assert any("more than once" in p for p in problems), problems
 
 
 def test_size_mismatch_is_a_checksum_error_naming_the_shard(store_path):
-    from kdstore.store import check_shard_file
-
     store = open_store(store_path)
     shard = store.manifest.shards[0]
     with open(store_path / shard.path, "ab") as handle:
         handle.write(b"x")
     with pytest.raises(ChecksumError, match=shard.path):
-        check_shard_file(store, shard)
+        store.check_shard_file(shard)
