@@ -215,7 +215,8 @@ class Manifest:
             raise ManifestError(f"{source} is not a kdstore manifest")
         version = data.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
-            raise FormatVersionError(f"{source} has format version {version!r}; this kdstore reads versions 1 to {FORMAT_VERSION}")
+            raise FormatVersionError(f"{source} has format version {version!r}; "
+                                     f"this kdstore reads versions 1 to {FORMAT_VERSION}")
         validate_manifest(data, source)
         data.pop("format")
         data.pop("stats", None)

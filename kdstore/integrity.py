@@ -179,4 +179,5 @@ class VerifiedShardFile(io.RawIOBase):
         return data
 
 
-__all__ = ["VerifiedShardFile", "footer_range", "local_reader", "parse_footer", "row_group_ranges", "sha256_bytes", "shard_checksums"]
+__all__ = ["VerifiedShardFile", "footer_range", "local_reader", "parse_footer", "row_group_ranges", "sha256_bytes",
+           "shard_checksums"]

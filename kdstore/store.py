@@ -110,7 +110,8 @@ def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[s
     except UnicodeDecodeError:
         raise ManifestError(f"{text}/{MANIFEST_NAME} is not text") from None
     except Exception as exc:  # noqa: BLE001  every backend has its own errors (botocore, aiohttp, ...): name the URL once
-        raise StorageError(f"cannot read {text}/{MANIFEST_NAME}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+        first_line = str(exc).splitlines()[0] if str(exc) else ""
+        raise StorageError(f"cannot read {text}/{MANIFEST_NAME}: {type(exc).__name__}: {first_line}",
                            hint=_access_hint(text)) from None
     manifest = Manifest.from_json(manifest_text, f"{text}/{MANIFEST_NAME}")
     return Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs)
@@ -256,7 +257,8 @@ class Store:
             raise StorageError(f"cannot read shard {shard.path} of {self.location}: {exc}",
                                hint=_access_hint(self.location)) from None
         if size != shard.num_bytes:
-            raise ChecksumError(f"shard {shard.path} has {size} bytes; the manifest says {shard.num_bytes} (truncated or replaced)")
+            raise ChecksumError(f"shard {shard.path} has {size} bytes; the manifest says {shard.num_bytes} "
+                                "(truncated or replaced)")
         return size
 
     def check_shard_file(self, shard: ShardInfo | int) -> None:

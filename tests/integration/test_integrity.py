@@ -73,7 +73,8 @@ def _targets(store: Path) -> list[tuple[str, Path]]:
     copy = next((store / "_cache" / "arrow").glob("store-*.arrow"))
     shards = sorted((store / "shards").glob("*.parquet"))
     return ([("shard", s) for s in shards] + [("footer", s) for s in shards]
-            + [("arrow copy", copy), ("arrow copy", copy), ("sidecar", sidecar_path(copy)), ("manifest", store / "manifest.json")])
+            + [("arrow copy", copy), ("arrow copy", copy), ("sidecar", sidecar_path(copy)),
+               ("manifest", store / "manifest.json")])
 
 
 def _damage(path: Path, kind: str, rng: random.Random) -> None:
@@ -156,3 +157,46 @@ def test_streaming_refuses_a_shard_whose_footer_renames_a_column(sound, tmp_path
     with pytest.raises(ChecksumError, match="footer does not match"):
         _streamed_batches(work)
     assert any(shard.name in p and "sha256" in p for p in verify_store(open_store(work)))
+
+
+def test_verify_and_loaders_refuse_a_shard_that_is_a_symbolic_link(sound, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(sound[0], work, ignore=shutil.ignore_patterns("_cache"))
+    shard = sorted((work / "shards").glob("*.parquet"))[0]
+    outside = tmp_path / "elsewhere.parquet"
+    shard.rename(outside)
+    shard.symlink_to(outside)  # the same bytes, but from outside the store
+    problems = verify_store(open_store(work))
+    assert len(problems) == 1 and "symbolic link" in problems[0] and shard.name in problems[0]
+    with pytest.raises(KdstoreError, match="symbolic link"):
+        _streamed_batches(work)
+    with pytest.raises(KdstoreError, match="symbolic link"):
+        _mapped_batches(work)
+
+
+def test_verify_compares_the_tokenizer_files_with_the_manifest(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import make_manifest, synthetic_rows
+    from kdstore.build import tokenizer_info
+    from kdstore.format import logits_schema, rows_to_table
+    from kdstore.writer import ShardWriter
+
+    vocab = {f"w{i}": i for i in range(CODEC.vocab_size)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    saved = tmp_path / "saved"
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(saved)
+    manifest = make_manifest(CODEC)
+    manifest.tokenizer = tokenizer_info(PreTrainedTokenizerFast.from_pretrained(saved), saved)
+    store, schema = tmp_path / "store", logits_schema(CODEC)
+    with ShardWriter(store, manifest, schema, tokenizer_dir=saved) as writer:
+        writer.write(rows_to_table(schema, synthetic_rows(CODEC, 2, 9)))
+    assert verify_store(open_store(store)) == []
+    tokenizer_file = store / "tokenizer" / "tokenizer.json"
+    tokenizer_file.write_text(tokenizer_file.read_text().replace('"w1"', '"w1x"'))
+    problems = verify_store(open_store(store))
+    assert len(problems) == 1 and "tokenizer" in problems[0] and "files_sha256" in problems[0]
+    tokenizer_file.unlink()
+    assert "tokenizer.json" in verify_store(open_store(store))[0]
