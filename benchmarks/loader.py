@@ -31,11 +31,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from conftest import save_tiny_teacher  # noqa: E402  (the test suite's tiny Llama + word tokenizer)
+from kdstore.arrow_copy import convert_to_arrow  # noqa: E402
 from kdstore.build import BuildConfig, build  # noqa: E402
 from kdstore.collate import Collator  # noqa: E402
-from kdstore.loader import EpochBatchSampler, MemoryMappedDataset, StreamingDataset, convert_to_arrow  # noqa: E402
+from kdstore.loader import (  # noqa: E402
+    EpochBatchSampler,
+    MemoryMappedDataset,
+    RowGroup,  # noqa: E402
+    StreamingDataset,
+)
 from kdstore.shuffle import EpochPlan, PlanConfig  # noqa: E402
-from kdstore.loader import RowGroup  # noqa: E402
 from kdstore.store import open_store  # noqa: E402
 
 VOCAB = 32000

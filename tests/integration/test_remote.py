@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import write_store
+from kdstore.arrow_copy import convert_to_arrow
 from kdstore.codec import CodecConfig
 from kdstore.errors import ChecksumError, ShardMissingError
-from kdstore.loader import MemoryMappedDataset, StreamingDataset, convert_to_arrow, make_dataloader
+from kdstore.loader import MemoryMappedDataset, StreamingDataset, make_dataloader
 from kdstore.shuffle import PlanConfig
 
 pytest.importorskip("s3fs", reason="the remote test reads through s3fs")

@@ -9,15 +9,20 @@ import pytest
 import torch
 
 from conftest import make_manifest, synthetic_rows, write_store
+from kdstore.arrow_copy import convert_to_arrow
 from kdstore.codec import CodecConfig
 from kdstore.collate import Collator
-from kdstore.errors import ChecksumError, EmptyStoreError, ShardCorruptError, ShardMissingError, TokenizerMismatchError
+from kdstore.errors import (
+    ChecksumError,
+    EmptyStoreError,
+    ResumeError,
+    ShardMissingError,
+    TokenizerMismatchError,
+)
 from kdstore.format import logits_schema, rows_to_table
 from kdstore.loader import (
     MemoryMappedDataset,
-    ResumeError,
     StreamingDataset,
-    convert_to_arrow,
     make_dataloader,
     set_epoch,
 )
