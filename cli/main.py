@@ -16,14 +16,26 @@ import click
 from kdstore.errors import KdstoreError
 
 
+class _OneLineUsageError(click.UsageError):
+    """A usage mistake shown as one line, like a library error: click's message and where the help is."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"Error: {self.format_message()}", file=file, err=file is None)
+
+
 class _Group(click.Group):
-    """Turns library errors into one clean line instead of a traceback."""
+    """Turns library errors and usage mistakes into one clean line instead of a traceback or a usage block."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except KdstoreError as exc:
             raise click.ClickException(exc.one_line()) from None
+        except click.exceptions.NoArgsIsHelpError:
+            raise
+        except click.UsageError as exc:
+            where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
+            raise _OneLineUsageError(f"{exc.format_message()} (see `{where} --help`)", exc.ctx) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing half-written was committed.", err=True)
             sys.exit(130)

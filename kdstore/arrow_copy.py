@@ -36,12 +36,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from kdstore.errors import ArrowCopyError, KdstoreError
+from kdstore.errors import ArrowCopyError, KdstoreError, StorageError
 from kdstore.format import Manifest
 from kdstore.store import Store, open_store
 
 CACHE_DIR = "_cache/arrow"  # under the store folder
 SIDECAR_SUFFIX = ".sums.json"
+LOCK_NAME = ".lock"  # in the copy's folder: concurrent ranks convert one at a time
 
 
 def store_fingerprint(manifest: Manifest) -> str:
@@ -77,15 +78,45 @@ def convert_to_arrow(store: str | os.PathLike[str] | Store, cache_dir: str | os.
     path = copy_path(store, cache_dir)
     if _usable(store, path):
         return path
+    made = _missing(path.parent / LOCK_NAME)
+    try:
+        _convert_under_lock(store, path)
+    except BaseException as exc:
+        _remove(made)  # a failed first conversion (a damaged shard, Ctrl-C) leaves no _cache folder behind
+        if isinstance(exc, OSError):  # a cache_dir inside a file, a read-only or full disk
+            raise StorageError(f"cannot write the Arrow copy in {path.parent}: {exc.strerror or exc}",
+                               hint="pass cache_dir=... (--cache-dir), a local folder you can write to with room "
+                                    "for the copy") from None
+        raise
+    return path
+
+
+def _convert_under_lock(store: Store, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / ".lock", "w") as lock:
+    with open(path.parent / LOCK_NAME, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         if not _usable(store, path):
             _write_arrow_copy(store, path)
             for stale in path.parent.glob("store-*.arrow*"):
                 if stale not in (path, sidecar_path(path)) and ".tmp-" not in stale.name:
                     stale.unlink(missing_ok=True)
-    return path
+
+
+def _missing(lock: Path) -> list[Path]:
+    """The lock file and the folders above it that do not exist yet, deepest first."""
+    return [p for p in (lock, *lock.parents) if not p.exists()]
+
+
+def _remove(made: list[Path]) -> None:
+    """Remove what ``_missing`` listed, deepest first, stopping at a folder that another process has written into."""
+    for item in made:
+        try:
+            if item.is_dir():
+                item.rmdir()
+            else:
+                item.unlink(missing_ok=True)
+        except OSError:
+            return
 
 
 def _usable(store: Store, path: Path) -> bool:

@@ -24,12 +24,14 @@ def load_store_tokenizer(store: Store) -> Any | None:
 def format_head(path: str | os.PathLike[str], num_positions: int, top: int, sequence_id: str | None = None,
                 storage_options: dict[str, Any] | None = None) -> Iterator[str]:
     """Lines showing ``num_positions`` positions of one sequence: next token, its p, top alternatives."""
+    for flag, value in (("-n", num_positions), ("--top", top)):
+        if value < 1:  # checked before the store is opened: a remote one costs a round trip
+            raise KdstoreError(f"{flag} {value}: expected 1 or more", hint=f"pass {flag} 1 or more")
     store = open_store(path, storage_options)
-    if num_positions < 1 or top < 1:
-        raise KdstoreError("-n and --top must be at least 1")
     sequence = next((s for s in store.iter_sequences() if sequence_id in (None, s["sequence_id"])), None)
     if sequence is None:
-        raise KdstoreError(f"no sequence {sequence_id!r} in {path}" if sequence_id else f"{path} holds no sequences")
+        raise KdstoreError(f"no sequence {sequence_id!r} in {path}" if sequence_id else f"{path} holds no sequences",
+                           hint="omit --sequence to show the first sequence" if sequence_id else "")
     tokenizer = load_store_tokenizer(store)
     show = (lambda i: repr(tokenizer.decode([int(i)]))) if tokenizer else (lambda i: f"#{int(i)}")
     yield f"sequence {sequence['sequence_id']}: {len(sequence['input_ids'])} tokens"

@@ -1,0 +1,823 @@
+"""Bad input gets one clear line and loses nothing: every command, every common user mistake.
+
+Each case runs the ``kdstore`` command on one mistake and proves four things: the exit status is not 0;
+there is no traceback (an exception click does not handle counts as one); the output is exactly one line
+``Error: ...``, the last (``verify`` may list ``problem: ...`` lines first; a progress bar is tolerated);
+and nothing in the user's folders changed: the per-test folder (store copies, run folders, config files,
+the working directory) and every shared fixture the case touched are snapshotted as
+{path: (size, sha256)} before and after. A build or train into a new folder may leave that folder
+behind only if nothing in it looks like a store or a run.
+
+Run: .venv/bin/python -m pytest tests/integration/test_cli_errors.py
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # nothing reaches the network, whatever imports huggingface_hub first
+
+import pytest  # noqa: E402
+from click.testing import CliRunner  # noqa: E402
+
+from conftest import write_store  # noqa: E402
+from kdstore.cli.main import cli  # noqa: E402
+from kdstore.codec import CodecConfig  # noqa: E402
+
+ASSETS = Path(__file__).parents[2] / "kdstore" / "assets"
+BUNDLED_TEACHER = ASSETS / "teacher"
+# lines a progress bar (tqdm) may leave in the output; never expected, only tolerated
+PROGRESS = re.compile(r"\d+%\||\bit/s\b|unit/s")
+# what makes a folder look like a store (kdstore/writer.py) or a training run (kdstore/checkpoint.py)
+STORE_OR_RUN_NAMES = {"manifest.json", "shards", "_partitions", "_locks", "tokenizer", "checkpoint", "checkpoint.pt",
+                      "checkpoint.previous", "student"}
+# s3fs installed or not, this subprocess cannot import it
+WITHOUT_S3FS = ("import sys; sys.modules['s3fs'] = None; from kdstore.cli.main import cli; "
+                "cli(sys.argv[1:], prog_name='kdstore')")
+
+
+# -- fixtures shared by every case ---------------------------------------------
+@dataclass(frozen=True)
+class Shared:
+    synthetic: Path  # a sound 12-sequence store written by ShardWriter (k 8, vocab 300, no tokenizer)
+    built: Path  # a store built by the bundled teacher (vocab 4096), its Arrow copy made
+    run: Path  # a 2-step training run on ``built`` with --lr 0.001: RUN/checkpoint/
+    corpus: Path  # a folder with one small .txt file
+    student: Path  # a student config.json with the store's vocabulary (4096)
+
+
+def student_config(path: Path, vocab_size: int) -> Path:
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab_size, "hidden_size": 32,
+              "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2,
+              "max_position_embeddings": 64, "tie_word_embeddings": True}
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory) -> Shared:
+    from kdstore.arrow_copy import convert_to_arrow
+    from kdstore.build import BuildConfig, build
+
+    root = tmp_path_factory.mktemp("cli-errors")
+    synthetic = write_store(root / "synthetic", CodecConfig(k=8, vocab_size=300), num_sequences=12, shard_bytes=3000,
+                            row_group_bytes=1000)
+    corpus = root / "corpus"
+    corpus.mkdir()
+    text = (ASSETS / "corpus" / "stories.txt").read_text()[:8000]
+    (corpus / "stories.txt").write_text(text[:text.rindex("\n\n")])
+    built = root / "built"
+    build(BuildConfig(corpus=(str(corpus),), out=str(built), k=4, seq_len=16, progress=False, device="cpu"))
+    convert_to_arrow(built)  # made once here: a failed train must not be what makes it
+    student = student_config(root / "student.json", 4096)
+    result = CliRunner().invoke(cli, ["train", str(built), "--student", str(student), "--out", str(root / "run"),
+                                      "--steps", "2", "--batch-size", "4", "--lr", "0.001"])
+    assert result.exit_code == 0, result.output
+    return Shared(synthetic, built, root / "run", corpus, student)
+
+
+# -- what a case is ----------------------------------------------------------
+@dataclass
+class Call:
+    args: list[str]
+    expect: tuple[str, ...] = ()  # substrings of the Error line
+    refuse: tuple[str, ...] = ()  # substrings that must not appear anywhere in the output
+    exit_code: int | None = None  # None: any non-zero status
+    problems_ok: bool = False  # verify lists "problem: ..." lines before its Error line
+    new: Path | None = None  # a folder the command was asked to create: may appear, but holding nothing store-like
+    without_s3fs: bool = False  # run in a subprocess that cannot import s3fs
+    max_seconds: float | None = None
+    absent: tuple[Path, ...] = ()  # files that must not exist afterwards (a pickle's payload, ...)
+    environ: dict[str, str] = field(default_factory=dict)
+
+
+class World:
+    """The per-test folder and the shared fixtures; remembers which shared paths a case used, to snapshot them."""
+
+    def __init__(self, tmp: Path, shared: Shared) -> None:
+        self.tmp, self._shared, self.used = tmp, shared, []
+
+    def _use(self, path: Path) -> str:
+        self.used.append(path)
+        return str(path)
+
+    @property
+    def built(self) -> str:
+        return self._use(self._shared.built)
+
+    @property
+    def corpus(self) -> str:
+        return self._use(self._shared.corpus)
+
+    @property
+    def student(self) -> str:
+        return self._use(self._shared.student)
+
+    def store(self) -> Path:
+        """A fresh copy of the synthetic store, in the per-test folder."""
+        return Path(shutil.copytree(self._shared.synthetic, self.tmp / "store"))
+
+    def built_copy(self) -> Path:
+        return Path(shutil.copytree(self._shared.built, self.tmp / "built"))
+
+    def run_copy(self) -> Path:
+        return Path(shutil.copytree(self._shared.run, self.tmp / "run"))
+
+    def teacher(self, without: tuple[str, ...] = ()) -> Path:
+        folder = self.tmp / "teacher"
+        shutil.copytree(BUNDLED_TEACHER, folder, ignore=shutil.ignore_patterns("README.md", *without))
+        return folder
+
+    def write(self, name: str, text: str | bytes) -> Path:
+        path = self.tmp / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        return path
+
+
+def edit_manifest(store: Path, change: Callable[[dict], None]) -> None:
+    data = json.loads((store / "manifest.json").read_text())
+    change(data)
+    (store / "manifest.json").write_text(json.dumps(data))
+
+
+CASES: dict[str, Callable[[World], Call]] = {}
+
+
+def case(name: str):
+    def register(setup: Callable[[World], Call]) -> Callable[[World], Call]:
+        assert name not in CASES, name
+        CASES[name] = setup
+        return setup
+    return register
+
+
+# -- opening a store: info, verify, head, convert --------------------------------
+READERS = {"info": [], "verify": [], "head": [], "convert": ["--to", "arrow"]}
+
+
+def _unfinished(w: World) -> tuple[str, tuple[str, ...]]:
+    store = w.store()
+    (store / "manifest.json").unlink()
+    return str(store), ("unfinished", str(store))
+
+
+def _no_manifest(w: World) -> tuple[str, tuple[str, ...]]:
+    folder = w.tmp / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"\xff\xd8 not a store")
+    return str(folder), ("manifest.json", str(folder))
+
+
+def _empty_folder(w: World) -> tuple[str, tuple[str, ...]]:
+    (w.tmp / "empty").mkdir()
+    return str(w.tmp / "empty"), ("manifest.json", str(w.tmp / "empty"))
+
+
+def _not_json(w: World) -> tuple[str, tuple[str, ...]]:
+    store = w.store()
+    (store / "manifest.json").write_text('{"format": "kdstore", "format_version": 2,')
+    return str(store), ("not valid JSON", "manifest.json")
+
+
+def _newer_version(w: World) -> tuple[str, tuple[str, ...]]:
+    store = w.store()
+    edit_manifest(store, lambda m: m.update(format_version=99))
+    return str(store), ("version 99", "upgrade")
+
+
+def _missing_field(w: World) -> tuple[str, tuple[str, ...]]:
+    store = w.store()
+    edit_manifest(store, lambda m: m.pop("codec"))
+    return str(store), ("codec", "manifest.json")
+
+
+def _parent_path(w: World) -> tuple[str, tuple[str, ...]]:
+    store = w.store()
+    edit_manifest(store, lambda m: m["shards"][0].update(path="../../x.parquet"))
+    return str(store), ("outside the store", "../../x.parquet")
+
+
+STORE_MISTAKES: dict[str, Callable[[World], tuple[str, tuple[str, ...]]]] = {
+    "nonexistent-folder": lambda w: (str(w.tmp / "nowhere"), ("does not exist", str(w.tmp / "nowhere"))),
+    "file-instead-of-folder": lambda w: (str(w.store() / "manifest.json"), ("is a file",)),
+    "folder-without-manifest": _no_manifest,
+    "empty-folder": _empty_folder,
+    "unfinished-build": _unfinished,
+    "manifest-not-json": _not_json,
+    "manifest-newer-format-version": _newer_version,
+    "manifest-missing-a-field": _missing_field,
+    "manifest-names-a-parent-path": _parent_path,
+    "unknown-url-scheme": lambda w: ("nosuch://x", ("nosuch://x",)),
+}
+
+
+def _reader_case(command: str, mistake: str) -> Callable[[World], Call]:
+    def setup(w: World) -> Call:
+        location, expect = STORE_MISTAKES[mistake](w)
+        return Call([command, location, *READERS[command]], expect=expect)
+    return setup
+
+
+def _s3_case(command: str) -> Callable[[World], Call]:
+    def setup(w: World) -> Call:
+        return Call([command, "s3://bucket/x", *READERS[command]], expect=("s3://bucket/x", "pip install s3fs"),
+                    refuse=("s3:/bucket",), without_s3fs=True)
+    return setup
+
+
+def _storage_option_case(command: str) -> Callable[[World], Call]:
+    def setup(w: World) -> Call:
+        return Call([command, str(w.store()), *READERS[command], "--storage-option", "endpoint_url"],
+                    expect=("--storage-option", "KEY=VALUE"))
+    return setup
+
+
+for _command in READERS:
+    for _mistake in STORE_MISTAKES:
+        case(f"{_command}-{_mistake}")(_reader_case(_command, _mistake))
+    case(f"{_command}-s3-url-without-s3fs")(_s3_case(_command))
+    case(f"{_command}-storage-option-without-equals")(_storage_option_case(_command))
+
+
+@case("info-no-store-argument")
+def _(w: World) -> Call:
+    return Call(["info"], expect=("STORE",), exit_code=2)
+
+
+@case("info-manifest-is-a-json-list")
+def _(w: World) -> Call:
+    store = w.store()
+    (store / "manifest.json").write_text("[]")
+    return Call(["info", str(store)], expect=("not a kdstore manifest",))
+
+
+@case("info-manifest-is-empty")
+def _(w: World) -> Call:
+    store = w.store()
+    (store / "manifest.json").write_text("")
+    return Call(["info", str(store)], expect=("manifest.json",))
+
+
+@case("head-n-0")
+def _(w: World) -> Call:
+    return Call(["head", str(w.store()), "-n", "0"], expect=("-n 0",))
+
+
+@case("head-top-0")
+def _(w: World) -> Call:
+    return Call(["head", str(w.store()), "--top", "0"], expect=("--top 0",))
+
+
+@case("head-n-not-a-number")
+def _(w: World) -> Call:
+    return Call(["head", str(w.store()), "-n", "ten"], expect=("ten",), exit_code=2)
+
+
+@case("head-sequence-that-does-not-exist")
+def _(w: World) -> Call:
+    return Call(["head", str(w.store()), "--sequence", "seq-99999"], expect=("seq-99999",))
+
+
+@case("convert-to-unknown-format")
+def _(w: World) -> Call:
+    return Call(["convert", str(w.store()), "--to", "parquet2"], expect=("parquet2",), exit_code=2)
+
+
+@case("convert-cache-dir-inside-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return Call(["convert", str(w.store()), "--to", "arrow", "--cache-dir", str(notes / "cache")],
+                expect=(str(notes),))
+
+
+@case("verify-store-with-a-deleted-shard")
+def _(w: World) -> Call:
+    store = w.store()
+    sorted((store / "shards").glob("*.parquet"))[0].unlink()
+    return Call(["verify", str(store)], expect=("problem",), exit_code=1, problems_ok=True)
+
+
+@case("verify-store-with-a-truncated-shard")
+def _(w: World) -> Call:
+    store = w.store()
+    shard = sorted((store / "shards").glob("*.parquet"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    return Call(["verify", str(store)], expect=("problem",), exit_code=1, problems_ok=True)
+
+
+@case("head-store-with-a-deleted-shard")
+def _(w: World) -> Call:
+    store = w.store()
+    sorted((store / "shards").glob("*.parquet"))[0].unlink()
+    return Call(["head", str(store)], expect=("missing",))
+
+
+@case("convert-store-with-a-damaged-shard")
+def _(w: World) -> Call:
+    store = w.store()
+    shard = sorted((store / "shards").glob("*.parquet"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[200:204] = b"\x00\x01\x02\x03"
+    shard.write_bytes(bytes(data))
+    return Call(["convert", str(store), "--to", "arrow"], expect=(shard.name,))
+
+
+@case("unknown-command")
+def _(w: World) -> Call:
+    return Call(["inflo", str(w.store())], expect=("inflo",), exit_code=2)
+
+
+# -- build -------------------------------------------------------------------------
+def build_call(w: World, *args: str, corpus: list[str] | None = None, seq_len: bool = True, **call: object) -> Call:
+    """``kdstore build CORPUS --out TMP/out [--seq-len 16] ARGS``: the out folder may appear only if it holds nothing
+    store-like. ``seq_len=False`` for a config file's seq_len, which the flag would override."""
+    out = w.tmp / "out"
+    if "--teacher" not in args:
+        w.used.append(BUNDLED_TEACHER)  # the default teacher: nothing may be written into it either
+    return Call(["build", *(corpus if corpus is not None else [w.corpus]), "--out", str(out),
+                 *(["--seq-len", "16"] if seq_len else []), *args], new=out, **call)
+
+
+@case("build-out-is-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return Call(["build", w.corpus, "--out", str(notes), "--seq-len", "16"], expect=(str(notes), "file"))
+
+
+@case("build-out-is-a-non-empty-folder-that-is-not-a-store")
+def _(w: World) -> Call:
+    w.write("thesis/chapter1.tex", "\\chapter{One}\n")
+    w.write("thesis/data/results.csv", "a,b\n1,2\n")
+    return Call(["build", w.corpus, "--out", str(w.tmp / "thesis"), "--seq-len", "16"],
+                expect=(str(w.tmp / "thesis"), "not empty"))
+
+
+@case("build-out-with-a-manifest-that-is-not-json")
+def _(w: World) -> Call:
+    w.write("out/manifest.json", "this is my manifest of ship cargo\n")
+    return Call(["build", w.corpus, "--out", str(w.tmp / "out"), "--seq-len", "16"], expect=("manifest.json", "JSON"))
+
+
+@case("build-out-is-a-store-made-with-another-k")
+def _(w: World) -> Call:
+    store = w.built_copy()
+    return Call(["build", w.corpus, "--out", str(store), "--seq-len", "16", "-k", "8", "--device", "cpu"],
+                expect=(str(store),))
+
+
+@case("build-k-0")
+def _(w: World) -> Call:
+    return build_call(w, "-k", "0", expect=("k = 0", ">= 1"))
+
+
+@case("build-k-negative")
+def _(w: World) -> Call:
+    return build_call(w, "-k", "-1", expect=("k = -1", ">= 1"))
+
+
+@case("build-k-above-the-vocabulary")
+def _(w: World) -> Call:
+    return build_call(w, "-k", "5000", "--device", "cpu", expect=("5000", "4096"))
+
+
+@case("build-seq-len-1")
+def _(w: World) -> Call:
+    return build_call(w, "--seq-len", "1", expect=("seq_len = 1", ">= 2"))
+
+
+@case("build-seq-len-not-a-number")
+def _(w: World) -> Call:
+    return build_call(w, "--seq-len", "abc", expect=("--seq-len", "abc"), exit_code=2)
+
+
+@case("build-seq-len-above-the-teachers-maximum")
+def _(w: World) -> Call:
+    return build_call(w, "--seq-len", "4096", "--device", "cpu", expect=("4096", "1024"))
+
+
+@case("build-num-partitions-0")
+def _(w: World) -> Call:
+    return build_call(w, "--num-partitions", "0", expect=("num_partitions = 0",))
+
+
+@case("build-partition-5-of-4")
+def _(w: World) -> Call:
+    return build_call(w, "--num-partitions", "4", "--partition", "5", expect=("partition = 5", "0 to 3"))
+
+
+@case("build-partition-without-num-partitions")
+def _(w: World) -> Call:
+    return build_call(w, "--partition", "2", expect=("partition = 2",))
+
+
+@case("build-finalize-a-folder-without-partitions")
+def _(w: World) -> Call:
+    (w.tmp / "out").mkdir()
+    return Call(["build", "--out", str(w.tmp / "out"), "--finalize"], expect=(str(w.tmp / "out"), "partitions"))
+
+
+@case("build-out-inside-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return build_call(w, "--out", str(notes / "store"), "--device", "cpu", expect=(str(notes),))
+
+
+@case("build-sampled-draws-negative")
+def _(w: World) -> Call:
+    return build_call(w, "--sampled-draws", "-1", expect=("sampled_draws = -1",))
+
+
+@case("build-world-size-not-an-integer")
+def _(w: World) -> Call:
+    return build_call(w, expect=("WORLD_SIZE",), environ={"WORLD_SIZE": "two"})
+
+
+@case("build-corpus-does-not-exist")
+def _(w: World) -> Call:
+    return build_call(w, corpus=[str(w.tmp / "nosuch-corpus")], expect=(str(w.tmp / "nosuch-corpus"), "does not exist"))
+
+
+@case("build-corpus-empty-folder")
+def _(w: World) -> Call:
+    (w.tmp / "corpus").mkdir()
+    return build_call(w, corpus=[str(w.tmp / "corpus")], expect=(str(w.tmp / "corpus"),))
+
+
+@case("build-corpus-unsupported-extension")
+def _(w: World) -> Call:
+    table = w.write("corpus/table.csv", "text\nhello\n")
+    return build_call(w, corpus=[str(table)], expect=(".csv",))
+
+
+@case("build-corpus-jsonl-invalid-json-line")
+def _(w: World) -> Call:
+    data = w.write("data.jsonl", '{"text": "a good line"}\n{"text": "broken\n')
+    return build_call(w, corpus=[str(data)], expect=("data.jsonl", "2", "not valid JSON"))
+
+
+@case("build-corpus-jsonl-without-text-field")
+def _(w: World) -> Call:
+    data = w.write("data.jsonl", '{"body": "no text field here"}\n')
+    return build_call(w, corpus=[str(data)], expect=("data.jsonl", "'text'"))
+
+
+@case("build-corpus-not-utf8")
+def _(w: World) -> Call:
+    data = w.write("latin1.txt", "caf\xe9 au lait\n".encode("latin-1"))
+    return build_call(w, corpus=[str(data)], expect=("latin1.txt", "UTF-8"))
+
+
+@case("build-teacher-folder-does-not-exist")
+def _(w: World) -> Call:
+    return build_call(w, "--teacher", "./nosuch", expect=("./nosuch", "does not exist"), refuse=("repo id", "repo_id"))
+
+
+@case("build-teacher-is-a-file")
+def _(w: World) -> Call:
+    weights = w.write("weights.bin", b"\0" * 64)
+    return build_call(w, "--teacher", str(weights), expect=(str(weights),))
+
+
+@case("build-teacher-folder-without-config-json")
+def _(w: World) -> Call:
+    return build_call(w, "--teacher", str(w.teacher(without=("config.json",))), "--device", "cpu",
+                      expect=("config.json",))
+
+
+@case("build-teacher-weights-truncated")
+def _(w: World) -> Call:
+    teacher = w.teacher()
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    return build_call(w, "--teacher", str(teacher), "--device", "cpu", expect=("model.safetensors",))
+
+
+@case("build-teacher-without-tokenizer-files")
+def _(w: World) -> Call:
+    teacher = w.teacher(without=("tokenizer.json", "tokenizer_config.json"))
+    return build_call(w, "--teacher", str(teacher), "--device", "cpu", expect=("tokenizer",))
+
+
+@case("build-config-file-does-not-exist")
+def _(w: World) -> Call:
+    return build_call(w, "--config", str(w.tmp / "build.toml"), expect=("build.toml",))
+
+
+@case("build-config-not-toml")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", "k: 8\nseq_len: 16\n")
+    return build_call(w, "--config", str(toml), expect=("build.toml",))
+
+
+@case("build-config-unknown-key")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", "top_k = 8\n")
+    return build_call(w, "--config", str(toml), expect=("top_k",))
+
+
+@case("build-config-k-is-a-string")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", 'k = "8"\n')
+    return build_call(w, "--config", str(toml), expect=('k = "8"', "integer"))
+
+
+@case("build-config-seq-len-abc")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", 'seq_len = "abc"\n')
+    return build_call(w, "--config", str(toml), seq_len=False, expect=('seq_len = "abc"', "integer"))
+
+
+@case("build-config-trust-remote-code")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", "trust_remote_code = true\n")
+    return build_call(w, "--config", str(toml), expect=("trust_remote_code", "--trust-remote-code"))
+
+
+@case("build-dtype-bogus")
+def _(w: World) -> Call:
+    return build_call(w, "--dtype", "float8", expect=("--dtype", "float8"), exit_code=2)
+
+
+@case("build-device-cuda-without-a-gpu")
+def _(w: World) -> Call:
+    return build_call(w, "--device", "cuda", expect=("cuda", "GPU"), environ={"CUDA_VISIBLE_DEVICES": ""})
+
+
+@case("build-device-unknown-name")
+def _(w: World) -> Call:
+    return build_call(w, "--device", "gpu", expect=("gpu",))
+
+
+# -- train ---------------------------------------------------------------------------
+def train_call(w: World, *args: str, store: str | None = None, student: str | None = None, steps: bool = True,
+               **call: object) -> Call:
+    """``kdstore train STORE --student S --out TMP/run [--steps 2] --batch-size 4 ARGS`` into a new run folder.
+    ``steps=False`` for a config file's steps, which the flag would override."""
+    out = w.tmp / "run"
+    return Call(["train", store or w.built, "--student", student or w.student, "--out", str(out),
+                 *(["--steps", "2"] if steps else []), "--batch-size", "4", *args], new=out, **call)
+
+
+def resume_call(w: World, *args: str, **call: object) -> Call:
+    """``kdstore train ... --resume`` of a copy of the 2-step run (its folder must not change)."""
+    run = w.run_copy()
+    return Call(["train", w.built, "--student", w.student, "--out", str(run), "--steps", "2", "--batch-size", "4",
+                 "--lr", "0.001", "--resume", *args], **call)
+
+
+@case("train-store-does-not-exist")
+def _(w: World) -> Call:
+    return train_call(w, store=str(w.tmp / "nowhere"), expect=(str(w.tmp / "nowhere"), "does not exist"))
+
+
+@case("train-store-is-a-folder-without-manifest")
+def _(w: World) -> Call:
+    (w.tmp / "data").mkdir()
+    return train_call(w, store=str(w.tmp / "data"), expect=("manifest.json",))
+
+
+@case("train-no-student")
+def _(w: World) -> Call:
+    return Call(["train", w.built, "--out", str(w.tmp / "run"), "--steps", "2"], new=w.tmp / "run",
+                expect=("student",))
+
+
+@case("train-student-json-does-not-exist")
+def _(w: World) -> Call:
+    return train_call(w, student="nosuch.json", expect=("nosuch.json", "does not exist"), max_seconds=5)
+
+
+@case("train-student-folder-without-config")
+def _(w: World) -> Call:
+    (w.tmp / "my-student").mkdir()
+    return train_call(w, student=str(w.tmp / "my-student"), expect=(str(w.tmp / "my-student"),))
+
+
+@case("train-student-with-another-vocabulary")
+def _(w: World) -> Call:
+    other = student_config(w.tmp / "student-32000.json", 32000)
+    return train_call(w, student=str(other), expect=("4096", "32000"))
+
+
+@case("train-lr-negative")
+def _(w: World) -> Call:
+    return train_call(w, "--lr", "-1", expect=("lr = -1", "> 0"))
+
+
+@case("train-lr-0")
+def _(w: World) -> Call:
+    return train_call(w, "--lr", "0", expect=("lr = 0", "> 0"))
+
+
+@case("train-steps-0")
+def _(w: World) -> Call:
+    return train_call(w, "--steps", "0", expect=("steps = 0", ">= 1"))
+
+
+@case("train-steps-negative")
+def _(w: World) -> Call:
+    return train_call(w, "--steps", "-5", expect=("steps = -5", ">= 1"))
+
+
+@case("train-batch-size-0")
+def _(w: World) -> Call:
+    return train_call(w, "--batch-size", "0", expect=("batch_size = 0", ">= 1"))
+
+
+@case("train-batch-size-not-a-number")
+def _(w: World) -> Call:
+    return train_call(w, "--batch-size", "eight", expect=("--batch-size", "eight"), exit_code=2)
+
+
+@case("train-ce-weight-2")
+def _(w: World) -> Call:
+    return train_call(w, "--ce-weight", "2", expect=("ce_weight", "2"))
+
+
+@case("train-loss-bogus")
+def _(w: World) -> Call:
+    return train_call(w, "--loss", "kl_forward", expect=("kl_forward", "forward_kl"))
+
+
+@case("train-config-steps-is-a-string")
+def _(w: World) -> Call:
+    toml = w.write("train.toml", 'steps = "10"\n')
+    return train_call(w, "--config", str(toml), steps=False, expect=('steps = "10"', "integer"))
+
+
+@case("train-config-unknown-key")
+def _(w: World) -> Call:
+    toml = w.write("train.toml", "learning_rate = 0.001\n")
+    return train_call(w, "--config", str(toml), expect=("learning_rate",))
+
+
+@case("train-config-not-toml")
+def _(w: World) -> Call:
+    toml = w.write("train.toml", "[loss\nname = jsd\n")
+    return train_call(w, "--config", str(toml), expect=("train.toml",))
+
+
+@case("train-config-does-not-exist")
+def _(w: World) -> Call:
+    return train_call(w, "--config", str(w.tmp / "train.toml"), expect=("train.toml",))
+
+
+@case("train-val-store-does-not-exist")
+def _(w: World) -> Call:
+    toml = w.write("train.toml", f'val_store = "{w.tmp / "nosuch-val"}"\n')
+    return train_call(w, "--config", str(toml), expect=(str(w.tmp / "nosuch-val"), "does not exist"))
+
+
+@case("train-sampled-kl-on-a-store-without-draws")
+def _(w: World) -> Call:
+    return train_call(w, "--loss", "sampled_kl", expect=("sampled",))
+
+
+@case("train-out-is-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return Call(["train", w.built, "--student", w.student, "--out", str(notes), "--steps", "2", "--batch-size", "4"],
+                expect=(str(notes),))
+
+
+@case("train-again-into-a-run-with-a-checkpoint")
+def _(w: World) -> Call:
+    run = w.run_copy()
+    return Call(["train", w.built, "--student", w.student, "--out", str(run), "--steps", "2", "--batch-size", "4",
+                 "--lr", "0.001"], expect=("already holds a checkpoint", "--resume"))
+
+
+@case("train-resume-without-a-checkpoint")
+def _(w: World) -> Call:
+    return train_call(w, "--resume", expect=("nothing to resume",))
+
+
+class _Payload:
+    """A pickle that creates a file when loaded: what an attacker's checkpoint.pt could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+@case("train-resume-with-a-pickle-checkpoint")
+def _(w: World) -> Call:
+    marker = w.tmp.parent / f"{w.tmp.name}-pickle-ran"
+    (w.tmp / "run").mkdir()
+    (w.tmp / "run" / "checkpoint.pt").write_bytes(pickle.dumps({"model": _Payload(marker)}))
+    return Call(["train", w.built, "--student", w.student, "--out", str(w.tmp / "run"), "--steps", "2",
+                 "--batch-size", "4", "--resume"], expect=("checkpoint.pt",), absent=(marker,))
+
+
+@case("train-resume-with-other-settings")
+def _(w: World) -> Call:
+    return resume_call(w, "--lr", "0.002", expect=("lr", "0.001", "0.002"))
+
+
+@case("train-resume-with-a-damaged-checkpoint")
+def _(w: World) -> Call:
+    call = resume_call(w)
+    (w.tmp / "run" / "checkpoint" / "state.json").write_text("{ not json")
+    return Call(call.args, expect=("checkpoint", "damaged"))
+
+
+# -- the test ------------------------------------------------------------------------
+def snapshot(paths: list[Path], leave_out: Path | None = None) -> dict[str, object]:
+    """{path: (size, sha256)} of every file, {path: "dir"} of every folder, {path: None} of a missing path;
+    nothing in or at ``leave_out``."""
+    found: dict[str, object] = {}
+    for root in paths:
+        if not os.path.lexists(root):
+            found[str(root)] = None
+            continue
+        for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            if leave_out is not None and (path == leave_out or leave_out in path.parents):
+                continue
+            if path.is_dir():
+                found[str(path)] = "dir"
+            else:
+                data = path.read_bytes()
+                found[str(path)] = (len(data), hashlib.sha256(data).hexdigest())
+    return found
+
+
+def run_cli(call: Call, cwd: Path, monkeypatch) -> tuple[int, str]:
+    if call.without_s3fs:
+        environ = {**os.environ, "HF_HUB_OFFLINE": "1", **call.environ}
+        done = subprocess.run([sys.executable, "-c", WITHOUT_S3FS, *call.args], cwd=cwd, env=environ, timeout=120,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        return done.returncode, done.stdout
+    for key, value in call.environ.items():
+        monkeypatch.setenv(key, value)
+    if "CUDA_VISIBLE_DEVICES" in call.environ:  # torch reads it once; a GPU machine must look like one without
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = CliRunner().invoke(cli, call.args, prog_name="kdstore")
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        tb = "".join(traceback.format_exception(*result.exc_info))
+        pytest.fail(f"uncaught {type(result.exception).__name__}, a traceback for the user:\n{result.output}\n{tb}")
+    return result.exit_code, result.output
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_gets_one_clear_line_and_loses_nothing(name, shared, tmp_path, monkeypatch):
+    world = World(tmp_path, shared)
+    cwd = tmp_path / "cwd"  # where a default --out (kdstore-store, kdstore-run) would land
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    call = CASES[name](world)
+    watched = [tmp_path, *dict.fromkeys(world.used)]
+    before = snapshot(watched, leave_out=call.new)
+
+    started = time.perf_counter()
+    code, output = run_cli(call, cwd, monkeypatch)
+    seconds = time.perf_counter() - started
+
+    shown = f"exit {code}, output:\n{output}"
+    print(f"{name}: {shown}")  # pytest -rA shows what every case printed
+    assert code != 0, shown
+    assert call.exit_code is None or code == call.exit_code, shown
+    assert "Traceback" not in output, shown
+    lines = [line for line in output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("Error:")]
+    assert len(errors) == 1 and lines and lines[-1] == errors[0], shown
+    noise = [line for line in lines[:-1] if not PROGRESS.search(line)
+             and not (call.problems_ok and line.startswith("problem: "))]
+    assert not noise, shown
+    for text in call.expect:
+        assert text in errors[0], f"{text!r} not in the Error line; {shown}"
+    for text in call.refuse:
+        assert text not in output, f"{text!r} in the output; {shown}"
+    assert call.max_seconds is None or seconds < call.max_seconds, f"took {seconds:.1f} s; {shown}"
+
+    after = snapshot(watched, leave_out=call.new)
+    assert after == before, f"files changed: {sorted(set(before.items()) ^ set(after.items()), key=str)}; {shown}"
+    if call.new is not None and call.new.exists():
+        left = {p.name for p in call.new.iterdir()} & STORE_OR_RUN_NAMES
+        assert not left, f"{call.new} was left holding {sorted(left)}; {shown}"
+    for path in call.absent:
+        assert not path.exists(), f"{path} exists: the pickle ran; {shown}"
