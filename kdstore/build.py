@@ -21,15 +21,16 @@ import queue
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from kdstore.codec import CodecConfig, encode_positions
-from kdstore.config_file import read_toml_config
+from kdstore.config_file import check_config, read_toml_config
 from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, tokenize_unit
 from kdstore.errors import BuildError, KdstoreError
 from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table, sha256_named_files
@@ -45,30 +46,39 @@ DEFAULT_CORPUS = str(ASSETS / "corpus")
 class BuildConfig:
     """Everything a build needs. Fields marked (recorded) go into the manifest's ``build``."""
 
+    # Types, ranges and choices are checked on construction (kdstore.config_file.check_config), before any
+    # model loads; a TOML list is accepted for ``corpus``.
     corpus: tuple[str, ...] = (DEFAULT_CORPUS,)  # (recorded)
     teacher: str = DEFAULT_TEACHER
     out: str = "kdstore-store"
-    k: int = 64  # (recorded via codec)
-    seq_len: int = 256  # (recorded)
-    split: str = "blank-line"  # (recorded) plain text: "file" or "blank-line" documents
+    k: Annotated[int, Field(ge=1)] = 64  # (recorded via codec) at most the vocabulary, checked once the teacher loads
+    seq_len: Annotated[int, Field(ge=2)] = 256  # (recorded) a sequence predicts at least one token
+    split: Literal["file", "blank-line"] = "blank-line"  # (recorded) plain text: one document per file or per block
     text_field: str = "text"  # (recorded)
     pack: bool = False  # (recorded)
-    errors: str = "strict"  # (recorded)
-    unit_documents: int = 256  # (recorded) documents per work unit
-    dtype: str = "float32"  # (recorded via teacher)
+    errors: Literal["strict", "replace"] = "strict"  # (recorded)
+    unit_documents: Annotated[int, Field(ge=1)] = 256  # (recorded) documents per work unit
+    dtype: Literal["float32", "bfloat16", "float16", "fp32", "bf16", "fp16"] = "float32"  # (recorded via teacher)
     device: str = "auto"
-    trust_remote_code: bool = False
-    sampled_draws: int = 0  # (recorded via codec) 0: no sampled-sparse columns
-    sampled_mode: str = "full"  # (recorded via codec) "full" or "tail" (draws from outside the top-K)
+    trust_remote_code: bool = False  # never from build.toml: only --trust-remote-code or KDSTORE_TRUST_REMOTE_CODE=1
+    sampled_draws: Annotated[int, Field(ge=0, le=65535)] = 0  # (recorded via codec) 0: no sampled-sparse columns
+    sampled_mode: Literal["full", "tail"] = "full"  # (recorded via codec) "tail": draws from outside the top-K
     # (recorded via codec) "systematic" or "iid" draws (docs/format.md); systematic recovered more of online KD at
     # every size measured (docs/fidelity.md: 86.5 vs 76.9 % at 16 draws), at the same bytes
-    sampled_scheme: str = "systematic"
+    sampled_scheme: Literal["systematic", "iid"] = "systematic"
     seed: int = 0  # (recorded) seeds the sampled draws
-    batch_tokens: int = 8192  # tokens per teacher batch, padding included
-    num_partitions: int = 1
-    partition: int = 0
-    shard_bytes: int = 256 << 20
+    batch_tokens: Annotated[int, Field(ge=1)] = 8192  # tokens per teacher batch, padding included
+    num_partitions: Annotated[int, Field(ge=1)] = 1
+    partition: Annotated[int, Field(ge=0)] = 0  # below num_partitions
+    shard_bytes: Annotated[int, Field(ge=1)] = 256 << 20
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value in check_config(type(self), vars(self), BuildError).items():
+            object.__setattr__(self, name, value)  # a list given for corpus becomes a tuple
+        if self.partition >= self.num_partitions:
+            raise BuildError(f"partition = {self.partition}: expected 0 to {self.num_partitions - 1} "
+                             f"(num_partitions = {self.num_partitions})")
 
     def recorded(self) -> dict[str, Any]:
         keys = ("seq_len", "split", "text_field", "pack", "errors", "unit_documents", "seed")
@@ -77,10 +87,6 @@ class BuildConfig:
     def corpus_config(self) -> CorpusConfig:
         return CorpusConfig(seq_len=self.seq_len, split=self.split, text_field=self.text_field, pack=self.pack,
                             errors=self.errors, unit_documents=self.unit_documents)
-
-    @classmethod
-    def field_names(cls) -> set[str]:
-        return {f.name for f in fields(cls)}
 
 
 @dataclass
@@ -338,13 +344,22 @@ def _launcher_partition(values: dict[str, Any]) -> dict[str, int]:
 
 
 def resolved_config(overrides: dict[str, Any], config_file: str | None) -> BuildConfig:
-    """Defaults < TOML file < explicit overrides (flags)."""
-    values: dict[str, Any] = (read_toml_config(config_file, BuildError, known_fields=BuildConfig.field_names())
-                              if config_file else {})
+    """Defaults < TOML file < explicit overrides (flags), every value checked before any model loads.
+
+    ``trust_remote_code`` comes only from the flag or ``KDSTORE_TRUST_REMOTE_CODE=1``, never from the file:
+    a build.toml passed around must not be able to run a teacher's own Python code.
+    """
+    values: dict[str, Any] = read_toml_config(config_file, BuildError) if config_file else {}
+    if "trust_remote_code" in values:
+        raise BuildError(f"{config_file} sets trust_remote_code; a config file may not turn on a teacher's own code",
+                         hint="pass --trust-remote-code on the command line or set KDSTORE_TRUST_REMOTE_CODE=1")
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if "trust_remote_code" not in values and os.environ.get("KDSTORE_TRUST_REMOTE_CODE") == "1":
+        values["trust_remote_code"] = True
     values.update(_launcher_partition(values))
-    if "corpus" in values:
-        values["corpus"] = tuple(values["corpus"]) if not isinstance(values["corpus"], str) else (values["corpus"],)
-    return BuildConfig(**values)
+    if isinstance(values.get("corpus"), str):  # corpus = "docs/" in the file
+        values["corpus"] = (values["corpus"],)
+    where = f" (from {config_file} and the flags)" if config_file else ""
+    return BuildConfig(**check_config(BuildConfig, values, BuildError, what=f"invalid build settings{where}"))
 
 

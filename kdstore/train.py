@@ -37,14 +37,15 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field
 
 from kdstore.checkpoint import (
     CHECKPOINT_NAME,
@@ -59,7 +60,7 @@ from kdstore.checkpoint import (
     save_checkpoint,
 )
 from kdstore.collate import IGNORE_INDEX, Collator, widen
-from kdstore.config_file import read_toml_config
+from kdstore.config_file import check_config, read_toml_config
 from kdstore.errors import NonFiniteLossError, ResumeMismatchError, StudentMismatchError, TrainError
 from kdstore.loader import MemoryMappedDataset, Sequences, batch_stream, make_dataloader
 from kdstore.losses import LossConfig, distillation_loss
@@ -72,35 +73,37 @@ RESUME_MAY_CHANGE = ("out", "device", "log_every")  # fields that do not change 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A training run. TOML: these keys at the top level and LossConfig's under ``[loss]``."""
+    """A training run. TOML: these keys at the top level and LossConfig's under ``[loss]``.
+
+    Types and ranges are checked on construction (kdstore.config_file.check_config), before any model loads.
+    """
 
     store: str
-    student: str  # a transformers config.json, or a folder (with weights: from_pretrained)
+    student: str  # a transformers config.json, or a folder (with weights: from_pretrained), or a hub id
     out: str = "kdstore-run"
     loss: LossConfig = field(default_factory=LossConfig)
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch per rank
-    grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to lr * this
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping
-    seed: int = 0
+    steps: Annotated[int, Field(ge=1)] = 1000  # optimizer steps
+    batch_size: Annotated[int, Field(ge=1)] = 8  # sequences per micro-batch per rank
+    grad_accum: Annotated[int, Field(ge=1)] = 1  # micro-batches per optimizer step
+    lr: Annotated[float, Field(gt=0)] = 1e-3
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # cosine decays to lr * this
+    warmup_steps: Annotated[int, Field(ge=0)] = 50
+    weight_decay: Annotated[float, Field(ge=0)] = 0.1
+    grad_clip: Annotated[float, Field(ge=0)] = 1.0  # max global gradient norm; 0 = no clipping
+    seed: Annotated[int, Field(ge=0)] = 0  # the loader's shuffle seeds numpy, which takes no negative seeds
     val_store: str = ""  # "": hold out val_fraction of STORE instead
-    val_fraction: float = 0.05
-    val_every: int = 100  # steps; 0 = only at the end
-    checkpoint_every: int = 100  # steps; 0 = only at the end
-    log_every: int = 10
-    num_workers: int = 0  # DataLoader workers per rank
+    val_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05  # strictly between 0 and 1 without a val_store
+    val_every: Annotated[int, Field(ge=0)] = 100  # steps; 0 = only at the end
+    checkpoint_every: Annotated[int, Field(ge=0)] = 100  # steps; 0 = only at the end
+    log_every: Annotated[int, Field(ge=0)] = 10  # steps; 0 = only at the end
+    num_workers: Annotated[int, Field(ge=0)] = 0  # DataLoader workers per rank
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise TrainError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name, value in check_config(type(self), vars(self), TrainError).items():
+            object.__setattr__(self, name, value)  # an int given for a float becomes a float
         if not self.val_store and not 0 < self.val_fraction < 1:
-            raise TrainError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+            raise TrainError(f"val_fraction = {self.val_fraction}: expected a number > 0 and < 1 (or a val_store)")
 
     def flat(self) -> dict[str, Any]:
         """Every field, the loss's as ``loss.<name>``: what a resumed run is compared on."""
@@ -109,22 +112,22 @@ class TrainConfig:
 
 
 def resolved_config(overrides: dict[str, Any], config_file: str | None = None) -> TrainConfig:
-    """Defaults < TOML file < explicit overrides (flags; ``loss`` is the loss name, ``ce_weight`` its CE weight)."""
-    values: dict[str, Any] = read_toml_config(config_file, TrainError) if config_file else {}  # keys checked below
-    loss = dict(values.pop("loss", {}))
+    """Defaults < TOML file < explicit overrides (flags; ``loss`` is the loss name, ``ce_weight`` its CE weight),
+    every value checked (``check_config``: keys, types, ranges) before any model loads."""
+    values: dict[str, Any] = read_toml_config(config_file, TrainError) if config_file else {}
+    loss = values.pop("loss", {})
+    if not isinstance(loss, dict):
+        raise TrainError(f"loss = {loss!r} in {config_file}: expected a [loss] table",
+                         hint='write the loss as [loss] name = "jsd", or pass --loss jsd')
     given = {k: v for k, v in overrides.items() if v is not None}
-    loss.update({k: given.pop(n) for n, k in (("loss", "name"), ("ce_weight", "ce_weight")) if n in given})
+    loss = {**loss, **{k: given.pop(n) for n, k in (("loss", "name"), ("ce_weight", "ce_weight")) if n in given}}
     values.update(given)
-    known = {f.name for f in fields(TrainConfig)}
-    loss_known = {f.name for f in fields(LossConfig)}
-    unknown = sorted(set(values) - known) + sorted(f"loss.{k}" for k in set(loss) - loss_known)
-    if unknown:
-        raise TrainError(f"unknown training settings: {', '.join(unknown)}",
-                         hint=f"known: {', '.join(sorted(known))}; under [loss]: {', '.join(sorted(loss_known))}")
     for name in ("store", "student"):
         if not values.get(name):
             raise TrainError(f"no {name} given", hint=f"pass --{name} or set {name} in the TOML file")
-    return TrainConfig(**values, loss=LossConfig(**loss))
+    what = f"invalid training settings{f' (from {config_file} and the flags)' if config_file else ''}"
+    values = check_config(TrainConfig, values, TrainError, what=what)
+    return TrainConfig(**values, loss=LossConfig(**check_config(LossConfig, loss, TrainError, prefix="loss.", what=what)))
 
 
 @dataclass
