@@ -22,10 +22,10 @@ The recipe (``train`` below):
    ``config.loss``), gradient clipping; a NaN or inf loss or gradient stops the run (naming the step and
    the batch) before the optimizer touches the weights, so the last checkpoint stays the last good one.
 6. Every ``val_every`` steps the validation cross-entropy; every ``checkpoint_every`` steps (and at the
-   end) RUN_DIR/checkpoint.pt, written atomically by ``kdstore.checkpoint``: model, optimizer, scheduler,
-   every rank's loader state and RNG, TAID state, step, epoch and the resolved config. ``resume``
-   continues exactly (bit for bit on CPU) and refuses a config that differs in anything but
-   RESUME_MAY_CHANGE.
+   end) RUN_DIR/checkpoint/, written atomically by ``kdstore.checkpoint`` as JSON and safetensors (no
+   pickle: reading it runs no code): model, optimizer, scheduler, every rank's loader state and RNG, TAID
+   state, step, epoch and the resolved config. ``resume`` continues exactly (bit for bit on CPU) and
+   refuses a config or number of ranks that differs in anything but RESUME_MAY_CHANGE.
 7. At the end RUN_DIR/student/: the student (``save_pretrained``) with the store's tokenizer (``export_student``).
 """
 
@@ -55,6 +55,7 @@ from kdstore.checkpoint import (
     config_differences,
     describe_checkpoint,
     export_student,
+    has_checkpoint,
     read_checkpoint,
     restore_checkpoint,
     save_checkpoint,
@@ -164,7 +165,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
         if resume:
             run = resume_run(config, world, rank, trainables)
             say(f"resumed {config.out} at step {run.step}")
-        elif Path(config.out, CHECKPOINT_NAME).exists():
+        elif has_checkpoint(Path(config.out)):
             raise TrainError(f"{config.out} already holds a checkpoint", hint="pass --resume, or pick a new --out")
         Path(config.out).mkdir(parents=True, exist_ok=True)
         say(f"training {config.student} ({sum(p.numel() for p in student.parameters()):,} parameters) on "
@@ -189,7 +190,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             if _any_rank(not (meter.finite() and math.isfinite(grad_norm.item())), device):
                 raise NonFiniteLossError(f"the loss or its gradient is not finite at step {run.step + 1} "
                                          f"({meter.describe(rank, data.dataset)}); the weights were not updated; "
-                                         f"the last good checkpoint is {describe_checkpoint(Path(config.out, CHECKPOINT_NAME))}")
+                                         f"the last good checkpoint is {describe_checkpoint(Path(config.out))}")
             optimizer.step()
             scheduler.step()
             run.step += 1
@@ -198,8 +199,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             say(report(config, run, meter, scheduler.get_last_lr()[0], lambda: validation_loss(
                 student, data.val_dataset, data.val_rows, data.val_collate, config.batch_size, device)))  # 6
             if _due(run.step, config.checkpoint_every, config):
-                save_checkpoint(Path(config.out, CHECKPOINT_NAME), {"config": config.flat(), **asdict(run)},
-                                trainables, rank)
+                save_checkpoint(Path(config.out), {"config": config.flat(), **asdict(run)}, trainables, rank)
         if rank == 0:  # 7
             export_student(student, data.dataset.store.tokenizer_path, Path(config.out, STUDENT_DIR))
         result = _result(config, run, meter, started)
@@ -387,16 +387,13 @@ class Meter:
 
 
 def resume_run(config: TrainConfig, world: int, rank: int, trainables: Trainables) -> RunState:
-    """Restore RUN_DIR/checkpoint.pt into ``trainables``; refuse a config that differs from the checkpoint's."""
-    path = Path(config.out, CHECKPOINT_NAME)
-    if not path.is_file():
-        raise TrainError(f"nothing to resume: {path} does not exist", hint="drop --resume to start the run")
-    saved = read_checkpoint(path)
-    differ = config_differences(saved["config"], config.flat(), RESUME_MAY_CHANGE)
+    """Restore RUN_DIR/checkpoint/ into ``trainables``; refuse one written with other settings or ranks,
+    naming each differing field with both values."""
+    saved = read_checkpoint(Path(config.out))
+    differ = config_differences({**saved["config"], "world_size": saved["world_size"]},
+                                {**config.flat(), "world_size": world}, RESUME_MAY_CHANGE)
     if differ:
-        raise ResumeMismatchError(f"{path} was written with other settings: {'; '.join(differ)}")
-    if saved["world_size"] != world:
-        raise ResumeMismatchError(f"{path} was written by {saved['world_size']} rank(s), this run has {world}")
+        raise ResumeMismatchError(f"{Path(config.out, CHECKPOINT_NAME)} was written with other settings: {'; '.join(differ)}")
     return restore_checkpoint(saved, rank, trainables)
 
 

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import pickle
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
 
 import kdstore.train as train_module
 from kdstore.build import DEFAULT_CORPUS, BuildConfig, build
+from kdstore.checkpoint import read_checkpoint
 from kdstore.cli.main import cli
 from kdstore.errors import KdstoreError
 from kdstore.train import (
-    CHECKPOINT_NAME,
     NonFiniteLossError,
     ResumeMismatchError,
     StudentMismatchError,
@@ -59,7 +61,7 @@ def config(store: Path, tmp_path: Path) -> TrainConfig:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / CHECKPOINT_NAME, weights_only=False)["model"]
+    return read_checkpoint(run)["model"]
 
 
 def crash_on_call(monkeypatch, number: int, nan: bool = False) -> None:
@@ -98,7 +100,7 @@ def test_resume_after_a_crash_ends_with_bit_identical_weights(config, monkeypatc
         crash_on_call(patch, (crash_step - 1) * grad_accum + 1)
         with pytest.raises(RuntimeError, match="simulated crash"):
             train(config, log=lambda _: None)
-    assert torch.load(Path(config.out, CHECKPOINT_NAME), weights_only=False)["step"] == crash_step - 1
+    assert read_checkpoint(Path(config.out))["step"] == crash_step - 1
     resumed = train(config, resume=True, log=lambda _: None)
     expected, got = weights(Path(config.out + "-straight")), weights(Path(config.out))
     assert all(torch.equal(expected[name], got[name]) for name in expected)
@@ -133,7 +135,7 @@ def test_nan_loss_stops_naming_step_and_batch_and_keeps_the_last_good_checkpoint
     with pytest.raises(NonFiniteLossError, match=r"not finite at step 5 \(rank 0 epoch 0 batch 4: store rows \[.*"
                                                  r"sequence ids .*checkpoint is .*\(step 4\)"):
         train(replace(config, checkpoint_every=2), log=lambda _: None)
-    saved = torch.load(Path(config.out, CHECKPOINT_NAME), weights_only=False)
+    saved = read_checkpoint(Path(config.out))
     assert saved["step"] == 4 and all(torch.isfinite(v).all() for v in saved["model"].values())
 
 
@@ -146,7 +148,7 @@ def test_cli_trains_from_a_toml_config_and_prints_one_line_errors(config, tmp_pa
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "step 3" in result.output and "done: step 3" in result.output
-    saved = torch.load(out / CHECKPOINT_NAME, weights_only=False)["config"]
+    saved = read_checkpoint(out)["config"]
     assert (saved["loss.name"], saved["loss.beta"], saved["loss.ce_weight"], saved["batch_size"]) == ("jsd", 0.3, 0.2, 4)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -165,6 +167,126 @@ def test_two_ranks_under_torchrun_share_the_steps_and_save_both_loader_states(co
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:6000]
     assert "2 rank(s)" in done.stdout and done.stdout.count("done: step 3") == 1  # rank 0 alone logs
-    saved = torch.load(out / CHECKPOINT_NAME, weights_only=False)
+    saved = read_checkpoint(out)
     assert saved["world_size"] == 2 and saved["step"] == 3
     assert [r["loader"] != {} for r in saved["ranks"]] == [True, True]
+
+
+# -- checkpoints hold no pickle, and a crafted one is refused in one line ----
+class PlantsAMarker:
+    """Unpickling this creates ``marker``: what a malicious checkpoint.pt could do with any code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def resume_line(config: TrainConfig) -> str:
+    """`kdstore train --resume` on ``config``'s run (its settings as train.toml): one `Error:` line, exit status 1."""
+    toml = Path(config.out).with_name("resume.toml")
+    settings = {k: v for k, v in asdict(config).items() if k not in ("store", "loss")}
+    toml.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in settings.items()) + "[loss]\n"
+                    + "".join(f"{k} = {json.dumps(v)}\n" for k, v in asdict(config.loss).items()))
+    result = CliRunner().invoke(cli, ["train", config.store, "--config", str(toml), "--resume"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert result.output.startswith("Error: ") and result.output.count("\n") == 1, result.output
+    return result.output
+
+
+@pytest.mark.parametrize("where", ["checkpoint.pt", "checkpoint/state.json", "checkpoint/tensors.safetensors"])
+def test_resume_never_unpickles_a_planted_checkpoint(config, tmp_path, where):
+    marker = tmp_path / "marker"
+    payload = pickle.dumps({"model": PlantsAMarker(marker)})
+    pickle.loads(payload)  # the payload works: loading it the old way would have run it
+    assert marker.exists()
+    marker.unlink()
+    planted = Path(config.out, where)
+    planted.parent.mkdir(parents=True)
+    planted.write_bytes(payload)
+    if where.startswith("checkpoint/"):
+        other = {"state.json": "tensors.safetensors", "tensors.safetensors": "state.json"}[planted.name]
+        (planted.parent / other).write_bytes(payload)
+    line = resume_line(config)
+    assert not marker.exists()
+    if where == "checkpoint.pt":
+        assert "checkpoint.pt is an old, unsafe checkpoint format (a pickle" in line
+    else:
+        assert "is not a checkpoint kdstore can read" in line
+
+
+def tamper(run: Path, state: dict | None = None, tensors: dict | None = None) -> None:
+    """Rewrite RUN/checkpoint/: ``state`` keys replace state.json's, ``tensors`` entries the safetensors file's."""
+    folder = run / "checkpoint"
+    if state:
+        saved = json.loads((folder / "state.json").read_text())
+        saved.update(state)
+        (folder / "state.json").write_text(json.dumps(saved))
+    if tensors:
+        save_file({**load_file(folder / "tensors.safetensors"), **tensors}, folder / "tensors.safetensors")
+
+
+@pytest.mark.parametrize(("state", "tensors", "message"), [
+    ({"step": "2"}, None, 'step = "2": expected an integer >= 0'),
+    ({"world_size": 1.5}, None, "world_size = 1.5: expected an integer >= 1"),
+    ({"format": "torch.save"}, None, "is not a kdstore-checkpoint/1 checkpoint (format 'torch.save')"),
+    ({"history": {"__tensor__": "nowhere"}}, None, "names a tensor 'nowhere' that tensors.safetensors does not hold"),
+    ({"taid": None, "model": {"__items__": "x"}}, None, "malformed __items__"),
+    (None, {"model/lm_head.weight": torch.zeros(7, 32)}, "model/lm_head.weight: float32 [7, 32] in the checkpoint, "
+                                                         "float32 [4096, 32] now"),
+    (None, {"model/lm_head.weight": torch.zeros(4096, 32, dtype=torch.int64)}, "model/lm_head.weight: int64"),
+    (None, {"ranks/0/rng/torch": torch.zeros(5056)}, "rng/torch: float32 [5056] in the checkpoint, uint8 [5056] now"),
+])
+def test_resume_refuses_a_crafted_checkpoint_with_wrong_types_in_one_line(config, state, tensors, message):
+    train(replace(config, steps=2), log=lambda _: None)
+    tamper(Path(config.out), state, tensors)
+    assert message in resume_line(replace(config, steps=2))
+
+
+def test_resume_refuses_crafted_loader_and_optimizer_states_naming_where(config):
+    train(replace(config, steps=2), log=lambda _: None)
+    run = Path(config.out)
+    saved = json.loads((run / "checkpoint" / "state.json").read_text())
+    saved["ranks"][0]["loader"]["_index_sampler_state"]["batches_yielded"] = "2"
+    (run / "checkpoint" / "state.json").write_text(json.dumps(saved))
+    assert ("loader/_index_sampler_state/batches_yielded: str '2' in the checkpoint, int now"
+            in resume_line(replace(config, steps=2)))
+    train(replace(config, steps=2, out=config.out + "-2"), log=lambda _: None)
+    tamper(Path(config.out + "-2"), tensors={"optimizer/state/0/exp_avg": torch.zeros(3)})
+    line = resume_line(replace(config, steps=2, out=config.out + "-2"))
+    assert "optimizer/state/0/exp_avg: float32 [3] in the checkpoint" in line
+
+
+def test_a_checkpoint_is_json_and_safetensors_and_survives_a_crash_between_its_renames(config, monkeypatch):
+    config = replace(config, steps=4, checkpoint_every=1)
+    with monkeypatch.context() as patch:
+        crash_on_call(patch, 3)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(config, log=lambda _: None)
+    run = Path(config.out)
+    assert sorted(p.name for p in (run / "checkpoint").iterdir()) == ["state.json", "tensors.safetensors"]
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["format"] == "kdstore-checkpoint/1"
+    assert not list(run.glob("checkpoint.*"))  # neither a temporary folder nor the previous checkpoint is left
+    (run / "checkpoint").rename(run / "checkpoint.previous")  # a crash after the first of the two renames
+    assert read_checkpoint(run)["step"] == 2
+    resumed = train(config, resume=True, log=lambda _: None)
+    assert resumed.step == 4 and read_checkpoint(run)["step"] == 4 and not (run / "checkpoint.previous").exists()
+
+
+def test_the_json_encoding_keeps_tuples_int_keys_and_tensors():
+    from kdstore.checkpoint import _from_json, _to_json
+
+    value = {"state": {0: {"step": torch.tensor(3.0)}}, "betas": (0.9, 0.95), "__tensor__": 1, "none": None}
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = json.loads(json.dumps(_to_json(value, "", tensors)))
+    decoded = _from_json(encoded, tensors)
+    assert decoded["betas"] == (0.9, 0.95) and list(decoded["state"]) == [0] and decoded["__tensor__"] == 1
+    assert torch.equal(decoded["state"][0]["step"], torch.tensor(3.0)) and decoded["none"] is None
+
+
+def test_resume_on_another_number_of_ranks_names_world_size_with_both_values(config):
+    train(replace(config, steps=2), log=lambda _: None)
+    with pytest.raises(ResumeMismatchError, match=r"world_size = 1 in the checkpoint, 2 now"):
+        train_module.resume_run(replace(config, steps=2), 2, 0, None)  # refused before anything is restored
+
