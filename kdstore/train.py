@@ -16,7 +16,9 @@ The recipe (``train`` below):
    batches depend on the training sequences, batch size, ranks and seed only, not on how the store was
    cut into row groups: stores of different K give the same batches.
 3. Student: ``from_config`` for a config file (or a folder without weights), ``from_pretrained`` for a
-   model folder, initialised from ``seed``; its output dimension must equal the store's vocabulary.
+   model folder, initialised from ``seed``; its output dimension must equal the store's vocabulary. A
+   student that looks like a local path but is not there is refused before the store is opened; only a
+   string that can be a hub id (``org/name``) goes to the hub.
 4. AdamW, linear warmup then cosine decay to ``min_lr_ratio`` of the peak.
 5. Steps of ``grad_accum`` micro-batches, ``kdstore.losses.distillation_loss`` (loss and CE mixing from
    ``config.loss``), gradient clipping; a NaN or inf loss or gradient stops the run (naming the step and
@@ -151,6 +153,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             log(line)
 
     try:
+        check_student_source(config.student)  # before the store: a mistyped path fails at once
         data = open_data(config)  # 2
         loader = make_dataloader(Sequences(data.dataset, data.train_rows), PlanConfig(config.batch_size, seed=config.seed),
                                  collator=data.collate, num_workers=config.num_workers)
@@ -289,17 +292,36 @@ def open_data(config: TrainConfig) -> Data:
 
 
 # -- student and schedule ---------------------------------------------------
+def check_student_source(source: str) -> None:
+    """Refuse at once a student that looks like a local path and is not there, or that cannot be a hub id:
+    transformers would take it for a hub id and retry the network for ~26 s before failing."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if Path(source).expanduser().exists():
+        return
+    try:
+        validate_repo_id(source)  # "org/name" or "name": letters, digits, - _ . ; at most one "/"
+        hub_id = True
+    except HFValidationError:
+        hub_id = False
+    if not hub_id or source.endswith(".json") or source.startswith(("./", "../", "~")):
+        raise TrainError(f"student {source} does not exist",
+                         hint="pass a transformers config.json, a model folder, or a hub id like org/name")
+
+
 def load_student(source: str, vocab_size: int, seed: int) -> torch.nn.Module:
-    """A causal LM from a config file / folder (``from_config``) or a model folder (``from_pretrained``)."""
+    """A causal LM from a config file / folder (``from_config``) or a model folder (``from_pretrained``);
+    the hub only for a ``source`` that is no local path (``check_student_source``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = Path(source)
+    check_student_source(source)
+    local = Path(source).expanduser()
     torch.manual_seed(seed)  # the same initial weights on every rank and in every run with this seed
     try:
-        if path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin"))):
-            student = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        if local.is_dir() and (any(local.glob("*.safetensors")) or any(local.glob("*.bin"))):
+            student = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
         else:
-            student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+            student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local if local.exists() else source))
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load student {source!r}: {str(exc).splitlines()[0]}",
                          hint="pass a transformers config.json or a model folder") from None

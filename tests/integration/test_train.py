@@ -290,3 +290,21 @@ def test_resume_on_another_number_of_ranks_names_world_size_with_both_values(con
     with pytest.raises(ResumeMismatchError, match=r"world_size = 1 in the checkpoint, 2 now"):
         train_module.resume_run(replace(config, steps=2), 2, 0, None)  # refused before anything is restored
 
+
+# -- a student path that is not there fails at once --------------------------
+@pytest.mark.parametrize("source", ["nosuch.json", "./nosuch", "../no/such", "/no/such/student", "~/no-such-kdstore",
+                                    "a/b/c", "no such"])
+def test_a_missing_local_student_fails_at_once_without_the_hub_or_the_store(config, monkeypatch, source):
+    def never(*args, **kwargs):
+        raise AssertionError("went to the store or the hub")
+
+    monkeypatch.setattr(train_module, "open_data", never)
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", never)
+    result = CliRunner().invoke(cli, ["train", config.store, "--student", source, "--out", config.out])
+    assert result.exit_code == 1 and result.output == (
+        f"Error: student {source} does not exist (pass a transformers config.json, a model folder, or a hub id like org/name)\n")
+
+
+def test_a_string_that_can_be_a_hub_id_is_left_to_the_hub():
+    train_module.check_student_source("some-org/some-student")  # no error: the hub decides
+    train_module.check_student_source("gpt2")
