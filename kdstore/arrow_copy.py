@@ -3,7 +3,7 @@
     path = convert_to_arrow("store")                              # STORE/_cache/arrow/store-<fingerprint>.arrow
     path = convert_to_arrow("s3://bucket/store", "/scratch/kd")   # a remote store needs a local cache_dir
     copy = ArrowCopy(store, path)                                 # mapped; schema and layout checked
-    copy.check_batch(3)                                           # sha256 of record batch 3, once per process
+    copy.check_batch(3)                                           # hash of record batch 3, once per process
     # or on the command line: kdstore convert STORE --to arrow [--cache-dir DIR]
 
 One record batch per Parquet row group, the stored columns as they are
@@ -15,12 +15,20 @@ against the manifest's checksums on the way.
 
 Next to the copy, ``<copy>.sums.json`` records the fingerprint, the file's
 size and, per record batch, its rows, the place and size of every buffer in
-the file, its null counts and the sha256 of the bytes those buffers span.
-``ArrowCopy`` compares the schema and every batch's layout with the sidecar
-when it maps the file (a damaged header moves buffers) and a batch's sha256
-the first time a sample of it is read, before its values reach a batch. A
-copy whose sidecar is missing, unreadable or stale is made again; a copy
+the file, its null counts and the XXH3-128 hash of the bytes those buffers
+span. ``ArrowCopy`` compares the schema and every batch's layout with the
+sidecar when it maps the file (a damaged header moves buffers) and a batch's
+hash the first time a sample of it is read, before its values reach a batch.
+A copy whose sidecar is missing, unreadable or stale is made again; a copy
 that fails a check raises ArrowCopyError.
+
+Why XXH3 and not sha256, as for the shards: the copy is a local cache, made
+from verified shards, and what can damage it (a disk, a crash, a stale or
+misplaced file) is caught by any strong checksum; whoever can forge the copy
+can rewrite its sidecar too, so a cryptographic hash adds no protection. The
+memory-mapped loader reads ~1 GB/s of the copy on one core; sha256 runs at
+~2 GB/s here and would slow the first pass over a store by about half,
+XXH3-128 at ~27 GB/s costs a few percent (benchmarks/loader.py).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import xxhash
 
 from kdstore.errors import ArrowCopyError, KdstoreError, StorageError
 from kdstore.format import Manifest
@@ -142,8 +151,7 @@ def _write_arrow_copy(store: Store, path: Path) -> None:
             batches = _mapped_batches(mapped)
             base = pa.py_buffer(mapped).address
             sums = {"fingerprint": store_fingerprint(store.manifest), "num_bytes": len(mapped),
-                    "batches": [{**_layout(b, base), "sha256": hashlib.sha256(_span(mapped, b, base)).hexdigest()}
-                                for b in batches]}
+                    "batches": [{**_layout(b, base), "xxh3_128": _digest(_span(mapped, b, base))} for b in batches]}
             del batches
         finally:
             mapped.close()
@@ -156,6 +164,10 @@ def _write_arrow_copy(store: Store, path: Path) -> None:
     finally:
         tmp.unlink(missing_ok=True)
         sums_tmp.unlink(missing_ok=True)
+
+
+def _digest(data: memoryview) -> str:
+    return xxhash.xxh3_128_hexdigest(data)
 
 
 def _mapped_batches(mapped: mmap.mmap) -> list[pa.RecordBatch]:
@@ -189,7 +201,7 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     try:
         sums = json.loads(sidecar_path(path).read_text())
         valid = (isinstance(sums["fingerprint"], str) and isinstance(sums["num_bytes"], int)
-                 and all(isinstance(b["sha256"], str) and isinstance(b["num_rows"], int)
+                 and all(isinstance(b["xxh3_128"], str) and isinstance(b["num_rows"], int)
                          and isinstance(b["null_counts"], list) and isinstance(b["buffers"], list) for b in sums["batches"]))
     except (OSError, ValueError, KeyError, TypeError):
         valid = False
@@ -202,7 +214,7 @@ class ArrowCopy:
     """The Arrow copy at ``path`` mapped read-only, its structure checked against its sidecar.
 
     ``batches``: the record batches (zero-copy views of the mapping); ``check_batch(i)`` compares batch i's
-    bytes with its recorded sha256 the first time it is called in this process.
+    bytes with its recorded hash the first time it is called in this process.
     """
 
     def __init__(self, store: Store, path: Path) -> None:
@@ -228,21 +240,20 @@ class ArrowCopy:
         except (OSError, pa.ArrowException) as exc:
             raise ArrowCopyError(f"the Arrow copy {self.path} cannot be read: {exc}") from None
         self.base = pa.py_buffer(self.map).address
-        self._sha256 = [entry["sha256"] for entry in sums["batches"]]
+        self._digests = [entry["xxh3_128"] for entry in sums["batches"]]
         for index, (batch, entry) in enumerate(zip(self.batches, sums["batches"])):
             if _layout(batch, self.base) != {k: entry.get(k) for k in ("num_rows", "null_counts", "buffers")}:
                 raise ArrowCopyError(f"the Arrow copy {self.path}: record batch {index} is not laid out as its sidecar says")
         self._checked: set[int] = set()
 
     def check_batch(self, index: int) -> bool:
-        """Raise ArrowCopyError unless record batch ``index``'s bytes match their sha256; True when it hashed them now.
+        """Raise ArrowCopyError unless record batch ``index``'s bytes match their hash; True when it hashed them now.
 
         Each batch is hashed once per process (the first time it is touched)."""
         if index in self._checked:
             return False
-        digest = hashlib.sha256(_span(self.map, self.batches[index], self.base)).hexdigest()
-        if digest != self._sha256[index]:
-            raise ArrowCopyError(f"the Arrow copy {self.path}: record batch {index} does not match its sha256")
+        if _digest(_span(self.map, self.batches[index], self.base)) != self._digests[index]:
+            raise ArrowCopyError(f"the Arrow copy {self.path}: record batch {index} does not match its checksum")
         self._checked.add(index)
         return True
 
