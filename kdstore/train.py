@@ -153,7 +153,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             log(line)
 
     try:
-        check_student_source(config.student)  # before the store: a mistyped path fails at once
+        check_paths(config)  # before the store: a mistyped path fails at once
         data = open_data(config)  # 2
         loader = make_dataloader(Sequences(data.dataset, data.train_rows), PlanConfig(config.batch_size, seed=config.seed),
                                  collator=data.collate, num_workers=config.num_workers)
@@ -292,6 +292,14 @@ def open_data(config: TrainConfig) -> Data:
 
 
 # -- student and schedule ---------------------------------------------------
+def check_paths(config: TrainConfig) -> None:
+    """The run folder and the student, checked before the store is opened."""
+    if Path(config.out).exists() and not Path(config.out).is_dir():
+        raise TrainError(f"the run folder {config.out} is a file",
+                         hint="pick another --out: the checkpoint and the student are written into a folder")
+    check_student_source(config.student)
+
+
 def check_student_source(source: str) -> None:
     """Refuse at once a student that looks like a local path and is not there, or that cannot be a hub id:
     transformers would take it for a hub id and retry the network for ~26 s before failing."""
