@@ -34,14 +34,9 @@ from conftest import save_tiny_teacher  # noqa: E402  (the test suite's tiny Lla
 from kdstore.arrow_copy import convert_to_arrow  # noqa: E402
 from kdstore.build import BuildConfig, build  # noqa: E402
 from kdstore.collate import Collator  # noqa: E402
-from kdstore.loader import (  # noqa: E402
-    EpochBatchSampler,
-    MemoryMappedDataset,
-    RowGroup,  # noqa: E402
-    StreamingDataset,
-)
+from kdstore.loader import EpochBatchSampler, MemoryMappedDataset, StreamingDataset  # noqa: E402
 from kdstore.shuffle import EpochPlan, PlanConfig  # noqa: E402
-from kdstore.store import open_store  # noqa: E402
+from kdstore.store import StoredRows, open_store  # noqa: E402
 
 VOCAB = 32000
 OUTPUT_SCALE = 25.0  # random init gives logits of std ~0.1 (near-uniform); x25 gives a trained model's peakiness
@@ -144,7 +139,7 @@ def pyarrow_table(store: Path):
 
 def pyarrow_batches(table, codec, index_batches, collate: Collator):
     for indices in index_batches:
-        rows = RowGroup(codec, table.take(indices).combine_chunks().to_batches()[0], 0)
+        rows = StoredRows(codec, table.take(indices).combine_chunks().to_batches()[0], 0)
         samples = [dict(rows.sample(i), index=index) for i, index in enumerate(indices)]
         yield collate(samples)
 

@@ -50,7 +50,6 @@ import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
 from kdstore.arrow_copy import ArrowCopy, convert_to_arrow
-from kdstore.codec import CodecConfig, decode_positions
 from kdstore.collate import Collator
 from kdstore.errors import (
     ChecksumError,
@@ -62,7 +61,7 @@ from kdstore.errors import (
     TokenizerMismatchError,
 )
 from kdstore.shuffle import EpochPlan, PlanConfig, distributed_rank, worker_batches
-from kdstore.store import Store, list_parts, open_store
+from kdstore.store import Store, StoredRows, open_store
 
 FAULT_AROUND_BYTES = 16 * mmap.PAGESIZE  # Linux maps up to fault_around_bytes (default 64 KiB) per fault
 DEFAULT_RELEASE_BYTES = 16 << 20  # bytes mapped in (see _mapped_bytes) between MADV_DONTNEED calls: RSS stays ~flat
@@ -98,7 +97,7 @@ class MemoryMappedDataset(Dataset):
         if self._group_starts[-1] != self.store.manifest.num_sequences:
             raise ShardCorruptError(f"the Arrow copy {self.path} holds {self._group_starts[-1]} sequences, the manifest "
                                     f"{self.store.manifest.num_sequences}", hint=f"delete {self.path}; it is remade on next use")
-        self._groups = [RowGroup(self.store.codec, b, int(s)) for b, s in zip(batches, self._group_starts)]
+        self._groups = [StoredRows(self.store.codec, b, int(s)) for b, s in zip(batches, self._group_starts)]
         self._group_pages = [_mapped_pages(b, self._copy.base) for b in self._copy.batches]
         self._touched: set[int] = set()
         self._bytes_since_release = 0
@@ -132,7 +131,7 @@ class MemoryMappedDataset(Dataset):
         return sample
 
 
-def _mapped_bytes(rows: RowGroup, row: int) -> int:
+def _mapped_bytes(rows: StoredRows, row: int) -> int:
     """About how many bytes of the mapping reading ``row`` adds to RSS (an upper bound, not just the bytes read).
 
     A page fault maps up to 16 neighbouring pages (Linux fault-around): per list column the values slice plus
@@ -275,7 +274,7 @@ class StreamingDataset(IterableDataset):
 
     def _batches(self, plan: EpochPlan, block: range, start: int) -> Iterator[list[dict[str, Any]]]:
         first_rows = np.array([g[2] for g in self._groups])
-        loaded: dict[int, RowGroup | None] = {}  # None: unreadable, skipped
+        loaded: dict[int, StoredRows | None] = {}  # None: unreadable, skipped
         files: dict[int, pq.ParquetFile] = {}  # open shards, so a footer is read once per window, not per row group
         chunk = max(1, plan.window // self.plan.batch_size)  # about one shuffle window of batches at a time
         # chunks are fixed relative to the block, so a resumed run fills skipped rows the same way
@@ -299,7 +298,7 @@ class StreamingDataset(IterableDataset):
                 self._yielded += 1
                 yield [loaded[g].sample(r - loaded[g].first_row) for r, g in zip(batch_rows, batch_groups)]
 
-    def _load(self, group: int, files: dict[int, pq.ParquetFile]) -> RowGroup | None:
+    def _load(self, group: int, files: dict[int, pq.ParquetFile]) -> StoredRows | None:
         shard_index, row_group, first_row = self._groups[group]
         shard_path = self.store.manifest.shards[shard_index].path
         try:
@@ -311,7 +310,7 @@ class StreamingDataset(IterableDataset):
                 raise
             warnings.warn(f"skipping shard {shard_path} row group {row_group}: {exc}", stacklevel=2)
             return None
-        return RowGroup(self.store.codec, table, first_row)
+        return StoredRows(self.store.codec, table, first_row)
 
     def state_dict(self) -> dict[str, Any]:
         worker, num_workers = self._worker()
@@ -344,34 +343,6 @@ def _open_nonempty(store: str | os.PathLike[str] | Store, storage_options: dict[
     if opened.manifest.num_sequences == 0:
         raise EmptyStoreError(f"store {opened.location} has no sequences")
     return opened
-
-
-class RowGroup:
-    """The rows of one row group (a Parquet row group read, or a mapped Arrow record batch) as samples.
-
-    Holds zero-copy numpy views of the list columns; ``sample`` slices them and decodes the top-K ids.
-    """
-
-    def __init__(self, codec: CodecConfig, batch: pa.RecordBatch | pa.Table, first_row: int) -> None:
-        self.codec, self.first_row, self.num_rows = codec, first_row, batch.num_rows
-        self.sequence_ids = batch.column("sequence_id") if "sequence_id" in batch.column_names else None
-        self.parts = {name: list_parts(batch.column(name)) for name in batch.column_names
-                      if pa.types.is_list(batch.schema.field(name).type)}
-
-    def sample(self, row: int) -> dict[str, Any]:
-        """Row ``row`` of the group: input_ids [T] int32, topk_ids [P, K] int32, the *_codes columns, index, ..."""
-        out: dict[str, Any] = {"index": self.first_row + row}
-        if self.sequence_ids is not None:
-            out["sequence_id"] = self.sequence_ids[row].as_py()
-        stored = {name: values[offsets[row]:offsets[row + 1]] for name, (values, offsets) in self.parts.items()}
-        codes = {name: stored.pop(name) for name in list(stored) if name.endswith("_codes")}  # left to the collator
-        if "topk_logprob_codes" in codes:
-            codes["topk_logprob_codes"] = codes["topk_logprob_codes"].reshape(-1, self.codec.k)
-        if "input_ids" in stored:
-            out["input_ids"] = stored.pop("input_ids")
-        out.update(codes)
-        out.update(decode_positions(self.codec, stored))  # topk_ids [P, K] int32; sampled ids and counts
-        return out
 
 
 def check_tokenizer(store: Store, student_tokenizer: Any, allow_mismatch: bool = False) -> None:
@@ -439,5 +410,5 @@ def batch_stream(loader: Any, epoch: int) -> Iterator[dict[str, torch.Tensor]]:
         epoch += 1
 
 
-__all__ = ["EpochBatchSampler", "MemoryMappedDataset", "RowGroup", "Sequences", "StreamingDataset", "batch_stream",
+__all__ = ["EpochBatchSampler", "MemoryMappedDataset", "Sequences", "StreamingDataset", "batch_stream",
            "check_tokenizer", "make_dataloader", "set_epoch"]

@@ -343,15 +343,25 @@ class Store:
                 yield self.read_row_group(parquet, shard, group, stored)
 
     def iter_batches(self, columns: list[str] | None = None, format: str = "numpy") -> Iterator[dict[str, Any]]:
-        """Decoded ragged batches, one per row group. ``format``: "numpy" or "torch"."""
+        """Decoded ragged batches, one per row group. ``format``: "numpy" or "torch".
+
+        Keys (each only when its column was read): ``sequence_id`` list[str]; ``input_ids`` [N_tok] int32 with
+        ``token_offsets`` [B+1]; per position ``topk_ids`` [N_pos, K] int32, ``topk_logprobs`` [N_pos, K]
+        float32, ``tail_logmass`` / ``target_logprob`` [N_pos] float32 with ``position_offsets`` [B+1];
+        ``sampled_ids`` / ``sampled_counts`` flat with ``sampled_offsets`` [N_pos+1]; the scores [B].
+        """
         for table in self.iter_tables(columns):
-            batch = decode_table(self.codec, table)
+            batch = StoredRows(self.codec, table).ragged()
             yield _to_torch(batch) if format == "torch" else batch
 
     def iter_sequences(self, columns: list[str] | None = None, format: str = "numpy") -> Iterator[dict[str, Any]]:
-        """One dict per sequence: input_ids [T], topk_ids [T-1, K], topk_logprobs [T-1, K], ..."""
-        for batch in self.iter_batches(columns, format):
-            yield from split_batch(batch)
+        """One dict per sequence: input_ids [T], topk_ids [T-1, K], topk_logprobs [T-1, K], ... (StoredRows.sample)."""
+        for table in self.iter_tables(columns):
+            rows = StoredRows(self.codec, table)
+            for row in range(rows.num_rows):
+                sample = rows.sample(row, decode_codes=True)
+                del sample["index"]
+                yield _to_torch(sample) if format == "torch" else sample
 
 
 def _parquet_file(source: Any, shard: ShardInfo, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
@@ -378,69 +388,55 @@ def list_parts(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, np.ndarr
     return array.flatten().to_numpy(), (offsets - offsets[0]).astype(np.int64)
 
 
-def decode_table(codec: CodecConfig, table: pa.Table) -> dict[str, Any]:
-    """Stored columns of some rows -> a ragged batch of decoded arrays.
+class StoredRows:
+    """The rows of one row group (a Parquet row group read, or a mapped Arrow record batch): the one row decoder.
 
-    Keys (each only when its column was read): ``sequence_id`` list[str];
-    ``input_ids`` [N_tok] int32 with ``token_offsets`` [B+1]; per position
-    ``topk_ids`` [N_pos, K] int32, ``topk_logprobs`` [N_pos, K] float32,
-    ``tail_logmass`` / ``target_logprob`` [N_pos] float32 with
-    ``position_offsets`` [B+1]; ``sampled_ids`` / ``sampled_counts`` flat with
-    ``sampled_offsets`` [N_pos+1]; ``teacher_score`` / ``reference_score`` [B].
+    Holds zero-copy numpy views of the stored list columns; the loaders, ``iter_sequences``, ``iter_batches``
+    and ``verify`` all cut rows out of these, and ``kdstore.codec.decode_positions`` decodes them.
     """
-    batch: dict[str, Any] = {}
-    columns: dict[str, np.ndarray] = {}
-    for name in table.column_names:
-        column = table[name]
-        if name == "sequence_id":
-            batch[name] = column.to_pylist()
-        elif name in SCORE_COLUMNS:
-            batch[name] = column.to_numpy(zero_copy_only=False).astype(np.float32)
-        else:
-            values, offsets = list_parts(column)
+
+    def __init__(self, codec: CodecConfig, batch: pa.RecordBatch | pa.Table, first_row: int = 0) -> None:
+        self.codec, self.first_row, self.num_rows = codec, first_row, batch.num_rows
+        self.sequence_ids = batch.column("sequence_id") if "sequence_id" in batch.column_names else None
+        self.scores = {name: batch.column(name) for name in SCORE_COLUMNS if name in batch.column_names}
+        self.parts = {name: list_parts(batch.column(name)) for name in batch.column_names
+                      if pa.types.is_list(batch.schema.field(name).type)}
+
+    def sample(self, row: int, decode_codes: bool = False) -> dict[str, Any]:
+        """Row ``row``: ``index``, ``sequence_id``, ``input_ids`` [T] int32, ``topk_ids`` [P, K] int32, the sampled
+        ids/counts/offsets, the scores; log-probs as ``*_codes`` (left to the collator), or decoded to float32
+        ``topk_logprobs`` [P, K], ``tail_logmass`` / ``target_logprob`` [P] with ``decode_codes``."""
+        out: dict[str, Any] = {"index": self.first_row + row}
+        if self.sequence_ids is not None:
+            out["sequence_id"] = self.sequence_ids[row].as_py()
+        out.update({name: column[row].as_py() for name, column in self.scores.items()})
+        stored = {name: values[offsets[row]:offsets[row + 1]] for name, (values, offsets) in self.parts.items()}
+        if "input_ids" in stored:
+            out["input_ids"] = stored.pop("input_ids")
+        if not decode_codes:
+            codes = {name: stored.pop(name) for name in list(stored) if name.endswith("_codes")}
+            if "topk_logprob_codes" in codes:
+                codes["topk_logprob_codes"] = codes["topk_logprob_codes"].reshape(-1, self.codec.k)
+            out.update(codes)
+        out.update(decode_positions(self.codec, stored))
+        return out
+
+    def ragged(self) -> dict[str, Any]:
+        """All rows decoded at once, positions stacked (see ``Store.iter_batches`` for the keys)."""
+        batch: dict[str, Any] = {}
+        if self.sequence_ids is not None:
+            batch["sequence_id"] = self.sequence_ids.to_pylist()
+        batch.update({name: column.to_numpy(zero_copy_only=False).astype(np.float32) for name, column in self.scores.items()})
+        for name, (values, offsets) in self.parts.items():
             if name == "input_ids":
                 batch["input_ids"], batch["token_offsets"] = values, offsets
-            else:
-                columns[name] = values
-                if name == "topk_id_deltas" or name == "topk_logprob_codes":
-                    batch["position_offsets"] = offsets // codec.k
-                elif name != "sampled_id_deltas" and name != "sampled_counts":
-                    batch["position_offsets"] = offsets
-    batch.update(decode_positions(codec, columns))
-    return batch
-
-
-def split_batch(batch: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """A ragged batch -> one dict per sequence (views, no copies)."""
-    token_offsets = batch.get("token_offsets")
-    position_offsets = batch.get("position_offsets")
-    for row in range(_num_rows(batch)):
-        item: dict[str, Any] = {}
-        for key, value in batch.items():
-            if key.endswith("_offsets"):
-                continue
-            if key in ("sequence_id", *SCORE_COLUMNS):
-                item[key] = value[row]
-            elif key == "input_ids":
-                item[key] = value[token_offsets[row]:token_offsets[row + 1]]
-            elif key in ("sampled_ids", "sampled_counts"):
-                starts = batch["sampled_offsets"]
-                lo, hi = position_offsets[row], position_offsets[row + 1]
-                item[key] = value[starts[lo]:starts[hi]]
-                item["sampled_offsets"] = starts[lo:hi + 1] - starts[lo]
-            else:
-                item[key] = value[position_offsets[row]:position_offsets[row + 1]]
-        yield item
-
-
-def _num_rows(batch: dict[str, Any]) -> int:
-    for key in ("token_offsets", "position_offsets"):
-        if key in batch:
-            return len(batch[key]) - 1
-    for key in ("sequence_id", *SCORE_COLUMNS):
-        if key in batch:
-            return len(batch[key])
-    return 0
+            elif name in ("topk_id_deltas", "topk_logprob_codes"):
+                batch["position_offsets"] = offsets // self.codec.k
+            elif name not in ("sampled_id_deltas", "sampled_counts"):
+                batch["position_offsets"] = offsets
+        batch.update(decode_positions(self.codec, {name: values for name, (values, _) in self.parts.items()
+                                                   if name != "input_ids"}))
+        return batch
 
 
 def _to_torch(batch: dict[str, Any]) -> dict[str, Any]:

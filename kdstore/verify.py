@@ -33,7 +33,7 @@ from kdstore.arrow_copy import ArrowCopy, copy_path, sidecar_path
 from kdstore.codec import CodecConfig, sum_check_tolerance
 from kdstore.errors import KdstoreError
 from kdstore.format import TOKENIZER_DIR, sha256_named_files
-from kdstore.store import Store, list_parts
+from kdstore.store import Store, StoredRows
 
 MAX_EXAMPLES = 3  # rows named per failed check, so a broken store does not flood the terminal
 
@@ -122,10 +122,9 @@ def _examples(ids: list[str], row_of: np.ndarray, bad: np.ndarray) -> str:
 def check_rows(codec: CodecConfig, table: pa.Table) -> list[str]:
     """The row invariants of the module docstring, for one Table of stored columns."""
     ids = table["sequence_id"].to_pylist()
-    tokens, token_offsets = list_parts(table["input_ids"])
+    parts = dict(StoredRows(codec, table).parts)
+    tokens, token_offsets = parts.pop("input_ids")
     num_positions = np.maximum(np.diff(token_offsets) - 1, 0)
-    parts = {name: list_parts(table[name]) for name in table.column_names
-             if name not in ("sequence_id", "input_ids") and pa.types.is_list(table.schema.field(name).type)}
     wrong_length = _check_lengths(codec.k, parts, num_positions, ids)
     if wrong_length:
         return [wrong_length]  # the other checks would index garbage
