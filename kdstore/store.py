@@ -106,6 +106,8 @@ def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[s
         manifest_text = fs.cat_file(f"{root}/{MANIFEST_NAME}").decode()
     except FileNotFoundError:
         _refuse_unfinished(fs, root, text)
+        if not store_is_local and not _exists(fs, root):
+            raise StoreNotFoundError(f"no store at {text}: nothing is there (no such bucket, or an empty prefix)") from None
         raise StoreNotFoundError(f"{text} is not a kdstore store: it has no {MANIFEST_NAME}") from None
     except UnicodeDecodeError:
         raise ManifestError(f"{text}/{MANIFEST_NAME} is not text") from None
@@ -132,6 +134,13 @@ def _access_hint(location: str) -> str:
     if location.startswith("hf://"):
         return "check the repo id and HF_TOKEN"
     return "check the URL, its credentials (--storage-option KEY=VALUE) and the network"
+
+
+def _exists(fs: Any, path: str) -> bool:
+    try:
+        return bool(fs.exists(path))
+    except Exception:  # noqa: BLE001  only refines a message
+        return True
 
 
 def _refuse_unfinished(fs: Any, root: str, location: str) -> None:

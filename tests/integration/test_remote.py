@@ -129,3 +129,45 @@ def test_cli_convert_of_an_s3_store_takes_storage_options_and_writes_the_local_c
     assert len(copies) == 1 and copies[0].read_bytes() == convert_to_arrow(local).read_bytes()
     bad = CliRunner().invoke(cli, ["convert", url, "--to", "arrow", "--cache-dir", str(tmp_path / "c"), "--storage-option", "x"])
     assert bad.exit_code == 2 and "KEY=VALUE" in bad.output
+
+
+def _cli(*args: str):
+    from click.testing import CliRunner
+
+    from kdstore.cli.main import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_info_verify_and_head_read_an_s3_store_like_the_local_one(s3, stores):
+    _, options = s3
+    local, url = stores
+    flags = [f"--storage-option={key}={value}" for key, value in options.items()]
+    for command in (["info", "--json"], ["verify"], ["head", "-n", "4"]):
+        remote, here = _cli(command[0], url, *command[1:], *flags), _cli(command[0], local, *command[1:])
+        assert remote.exit_code == here.exit_code == 0, remote.output
+        assert remote.output.replace(url, "STORE") == here.output.replace(str(local), "STORE"), command
+
+
+@pytest.mark.parametrize("case", ["no bucket", "no manifest", "unreachable", "no credentials"])
+def test_an_s3_store_that_cannot_be_read_is_one_line_naming_the_url(s3, stores, case, monkeypatch):
+    _, options = s3
+    _, url = stores
+    flags = {"endpoint_url": options["endpoint_url"], "key": "testing", "secret": "testing"}
+    if case == "no bucket":
+        url = "s3://no-such-bucket-kd/store"
+    elif case == "no manifest":
+        url = f"{url}-missing"
+    elif case == "unreachable":
+        flags["endpoint_url"] = "http://127.0.0.1:9"  # discard port: nothing listens
+    else:  # moto accepts any key, so the case that can be made here is none at all
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            monkeypatch.delenv(name, raising=False)
+        del flags["key"], flags["secret"]
+    pairs = [f"--storage-option={k}={v}" for k, v in flags.items()]
+    result = _cli("info", url, *pairs)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and url in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert ("nothing is there" in lines[0]) == (case == "no bucket")
