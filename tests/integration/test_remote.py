@@ -151,13 +151,14 @@ def test_info_verify_and_head_read_an_s3_store_like_the_local_one(s3, stores):
 
 @pytest.mark.parametrize("case", ["no bucket", "no manifest", "unreachable", "no credentials"])
 def test_an_s3_store_that_cannot_be_read_is_one_line_naming_the_url(s3, stores, case, monkeypatch):
-    _, options = s3
+    fs, options = s3
     _, url = stores
     flags = {"endpoint_url": options["endpoint_url"], "key": "testing", "secret": "testing"}
     if case == "no bucket":
         url = "s3://no-such-bucket-kd/store"
     elif case == "no manifest":
-        url = f"{url}-missing"
+        fs.pipe_file(f"{url.removeprefix('s3://')}-other/notes.txt", b"not a store")
+        url = f"{url}-other"
     elif case == "unreachable":
         flags["endpoint_url"] = "http://127.0.0.1:9"  # discard port: nothing listens
     else:  # moto accepts any key, so the case that can be made here is none at all
