@@ -98,7 +98,7 @@ def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[s
         return location
     text = str(location)
     fs, root = filesystem(text, storage_options)
-    store_is_local = _is_local(fs)
+    store_is_local = is_local_filesystem(fs)
     if store_is_local and not os.path.isdir(root):
         reason = "the folder does not exist" if not os.path.exists(root) else "it is a file, not a store folder"
         raise StoreNotFoundError(f"no store at {text}: {reason}")
@@ -119,7 +119,7 @@ def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[s
     return Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs)
 
 
-def _is_local(fs: Any) -> bool:
+def is_local_filesystem(fs: Any) -> bool:
     from fsspec.implementations.local import LocalFileSystem
 
     return isinstance(fs, LocalFileSystem)

@@ -1,0 +1,261 @@
+"""Stores between locations and teams: copy a store anywhere fsspec reaches, merge stores into one.
+
+    copy_store("store", "s3://bucket/store", target_options={"endpoint_url": ...})  # verified, manifest last
+    merge_stores(["run-a/store", "s3://bucket/run-b"], "merged")                     # one store, ids deduplicated
+
+``copy_store`` reads every file through the source ``Store`` (hashing what it
+reads), writes it to the target (a local file under a temporary name then
+renamed; an object, which appears only once whole), reads it back from the
+target and compares its sha256 with the manifest's, and writes
+``manifest.json`` last. A rerun skips files already there whole, so an
+interrupted copy resumes; a target holding anything else is refused.
+
+``merge_stores`` checks that the stores share table, teacher, tokenizer, codec
+and columns (naming the first field that differs, with both values), then
+writes their rows, in the order given, into a new store through
+``ShardWriter``; a sequence id met again is dropped. The merged manifest's
+``build`` lists where each part came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from kdstore.errors import ChecksumError, KdstoreError, StorageError, StoreMismatchError
+from kdstore.format import MANIFEST_NAME, TOKENIZER_DIR, Manifest, safe_relative_path
+from kdstore.store import HASH_CHUNK_BYTES, Store, filesystem, is_local_filesystem, open_store
+
+README_NAME = "README.md"
+
+
+@dataclass
+class CopyResult:
+    target: str
+    num_files_copied: int = 0
+    num_files_present: int = 0  # already at the target, whole (a resumed copy)
+    num_bytes_copied: int = 0
+
+
+@dataclass
+class MergeResult:
+    out: str
+    num_sequences: int = 0
+    num_duplicates: int = 0  # rows dropped because an earlier store held their sequence id
+    per_store: list[dict[str, Any]] = field(default_factory=list)
+
+
+# -- copy ------------------------------------------------------------------
+def copy_store(source: str | os.PathLike[str] | Store, target: str | os.PathLike[str],
+               source_options: dict[str, Any] | None = None, target_options: dict[str, Any] | None = None) -> CopyResult:
+    """Copy the store at ``source`` to ``target`` (folders or fsspec URLs), verified on arrival, manifest last."""
+    store = open_store(source, source_options)
+    fs, root = filesystem(str(target), target_options)
+    expected = {shard.path: (shard.num_bytes, shard.sha256) for shard in store.manifest.shards}
+    extra = list(store.manifest.tokenizer.get("files") or []) + _readme(store)
+    _refuse_other_content(fs, root, str(target), store, set(expected) | set(extra))
+    result = CopyResult(str(target))
+    for relative in list(expected) + extra:
+        size, sha256 = expected.get(relative, (None, None))
+        target_path = f"{root}/{safe_relative_path(relative)}"
+        if sha256 is None:  # the card: small, not in the manifest, compared byte for byte
+            size, sha256 = _size_and_sha256(store.fs, store.file_path(relative))
+        if _whole(fs, target_path, size, sha256):
+            result.num_files_present += 1
+            continue
+        result.num_bytes_copied += _copy_file(store, relative, fs, target_path, sha256, str(target))
+        result.num_files_copied += 1
+    _check_tokenizer_files(store, fs, root, str(target))
+    _write_file(fs, f"{root}/{MANIFEST_NAME}", store.manifest.to_json().encode())
+    return result
+
+
+def _readme(store: Store) -> list[str]:
+    try:
+        return [README_NAME] if store.fs.exists(f"{store.root}/{README_NAME}") else []
+    except OSError:
+        return []
+
+
+def _refuse_other_content(fs: Any, root: str, target: str, store: Store, allowed: set[str]) -> None:
+    """A target may be empty, a partial copy of this store, or this store already: nothing else."""
+    try:
+        found = [path[len(root) + 1:] for path in fs.find(root)] if fs.exists(root) else []
+    except Exception as exc:  # noqa: BLE001  every backend has its own errors: name the target once
+        raise StorageError(f"cannot list {target}: {type(exc).__name__}: {exc}") from None
+    if MANIFEST_NAME in found:
+        there = Manifest.from_json(fs.cat_file(f"{root}/{MANIFEST_NAME}").decode(), f"{target}/{MANIFEST_NAME}")
+        if there.identity() != store.manifest.identity() or there.shards != store.manifest.shards:
+            raise StoreMismatchError(f"{target} already holds another store",
+                                     hint="copy into a new location, or delete the old store first")
+    unknown = sorted(p for p in found if p not in allowed | {MANIFEST_NAME} and not p.endswith(".tmp"))
+    if unknown:
+        raise StoreMismatchError(f"{target} is not empty and holds files that are not part of {store.location}: "
+                                 f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}",
+                                 hint="copy into an empty or new location; nothing was written")
+
+
+def _sha256_at(fs: Any, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        while block := handle.read(HASH_CHUNK_BYTES):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _size_and_sha256(fs: Any, path: str) -> tuple[int, str]:
+    return fs.size(path), _sha256_at(fs, path)
+
+
+def _whole(fs: Any, path: str, size: int, sha256: str) -> bool:
+    try:
+        return fs.size(path) == size and _sha256_at(fs, path) == sha256
+    except FileNotFoundError:
+        return False
+
+
+def _copy_file(store: Store, relative: str, fs: Any, target_path: str, sha256: str, target: str) -> int:
+    """Stream one file from the store to ``target_path``; check the source and the arrival against ``sha256``."""
+    digest, size = hashlib.sha256(), 0
+    local = is_local_filesystem(fs)
+    write_path = f"{target_path}.{os.getpid()}-{secrets.token_hex(4)}.tmp" if local else target_path
+    fs.makedirs(target_path.rsplit("/", 1)[0], exist_ok=True)
+    try:
+        with store.fs.open(store.file_path(relative), "rb") as reading, fs.open(write_path, "wb") as writing:
+            while block := reading.read(HASH_CHUNK_BYTES):
+                digest.update(block)
+                writing.write(block)
+                size += len(block)
+        if digest.hexdigest() != sha256:
+            raise ChecksumError(f"{relative} in {store.location} does not match its sha256 in the manifest",
+                                hint="restore the source file (kdstore verify names every damaged one), then copy again")
+        if local:
+            os.replace(write_path, target_path)
+    except BaseException:
+        _remove(fs, write_path)
+        raise
+    if _sha256_at(fs, target_path) != sha256:
+        _remove(fs, target_path)
+        raise ChecksumError(f"{relative} arrived at {target} with other bytes than it was sent",
+                            hint="check the target storage, then copy again: finished files are kept")
+    return size
+
+
+def _check_tokenizer_files(store: Store, fs: Any, root: str, target: str) -> None:
+    """The copied tokenizer files, hashed as the build hashed them (name + NUL + bytes, in name order)."""
+    from kdstore.format import sha256_named_files
+
+    names = sorted(store.manifest.tokenizer.get("files") or [], key=lambda n: Path(n).name)
+    if not names or not store.manifest.tokenizer.get("files_sha256"):
+        return
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in names:
+            fs.get_file(f"{root}/{safe_relative_path(name)}", str(Path(scratch, Path(name).name)))
+        if sha256_named_files(sorted(Path(scratch).iterdir())) != store.manifest.tokenizer["files_sha256"]:
+            raise ChecksumError(f"the tokenizer files copied to {target}/{TOKENIZER_DIR} do not match the manifest's "
+                                "files_sha256", hint="restore the source store's tokenizer/ folder, then copy again")
+
+
+def _write_file(fs: Any, path: str, data: bytes) -> None:
+    if is_local_filesystem(fs):
+        from kdstore.writer import write_atomic
+
+        write_atomic(Path(path), data.decode())
+    else:
+        fs.pipe_file(path, data)
+
+
+def _remove(fs: Any, path: str) -> None:
+    try:
+        fs.rm_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+
+
+# -- merge -----------------------------------------------------------------
+def first_difference(left: Any, right: Any, where: str) -> tuple[str, Any, Any] | None:
+    """The first leaf (dotted path) at which two JSON-like values differ, with both values; None if equal."""
+    if isinstance(left, dict) and isinstance(right, dict):
+        for key in sorted(set(left) | set(right), key=str):
+            found = first_difference(left.get(key), right.get(key), f"{where}.{key}")
+            if found:
+                return found
+        return None
+    return None if left == right else (where, left, right)
+
+
+def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[str],
+                 storage_options: dict[str, Any] | None = None) -> MergeResult:
+    """Merge stores with the same table, teacher, tokenizer, codec and columns into a new local store ``out``."""
+    from kdstore.writer import ShardWriter
+
+    if len(sources) < 2:
+        raise KdstoreError("merge needs at least two stores", hint="kdstore merge STORE_A STORE_B ... --out MERGED")
+    if "://" in str(out):
+        raise KdstoreError(f"merge writes a local folder; {out} is a URL",
+                           hint="merge into a local folder, then `kdstore copy` it to the bucket")
+    stores = [open_store(source, storage_options) for source in sources]
+    first = stores[0]
+    for other in stores[1:]:
+        for name in ("format_version", "table", "teacher", "tokenizer", "codec", "columns"):
+            found = first_difference(getattr(first.manifest, name), getattr(other.manifest, name), name)
+            if found:
+                where, a, b = found
+                raise StoreMismatchError(f"{other.location} differs from {first.location} in {where}: "
+                                         f"{_short(b)} vs {_short(a)}", hint="merge only stores of the same teacher, "
+                                         "tokenizer and codec (kdstore info shows them)")
+    result = MergeResult(str(out))
+    parts = [{"location": s.location, "build": s.manifest.build, "num_sequences": s.manifest.num_sequences}
+             for s in stores]
+    manifest = Manifest(table=first.manifest.table, teacher=first.manifest.teacher, tokenizer=first.manifest.tokenizer,
+                        codec=first.manifest.codec, build={"merged_from": parts})
+    seen: set[str] = set()
+    with tempfile.TemporaryDirectory() as scratch, \
+            ShardWriter(out, manifest, first.schema, tokenizer_dir=_local_tokenizer(first, Path(scratch))) as writer:
+        for store in stores:
+            kept = 0
+            for table in store.iter_tables():
+                table, dropped = _new_rows(table, seen)
+                result.num_duplicates += dropped
+                kept += table.num_rows
+                writer.write(table.replace_schema_metadata(None))
+            result.per_store.append({"location": store.location, "num_sequences": kept})
+    result.num_sequences = len(seen)
+    return result
+
+
+def _local_tokenizer(store: Store, scratch: Path) -> Path | None:
+    """The store's tokenizer folder on this machine: its own, or its files fetched into ``scratch``."""
+    if store.tokenizer_path is not None or not store.manifest.tokenizer.get("files"):
+        return store.tokenizer_path
+    for name in store.manifest.tokenizer["files"]:
+        store.fs.get_file(store.file_path(name), str(scratch / Path(name).name))
+    return scratch
+
+
+def _new_rows(table: pa.Table, seen: set[str]) -> tuple[pa.Table, int]:
+    """``table`` without the rows whose sequence id is in ``seen`` (or repeats within it); adds the kept ids."""
+    ids = table.column("sequence_id").to_pylist()
+    keep = []
+    for index, sequence_id in enumerate(ids):
+        if sequence_id not in seen:
+            seen.add(sequence_id)
+            keep.append(index)
+    if len(keep) == len(ids):
+        return table, 0
+    return table.take(pa.array(keep, pa.int64())), len(ids) - len(keep)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+__all__ = ["CopyResult", "MergeResult", "copy_store", "first_difference", "merge_stores"]
