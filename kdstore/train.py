@@ -71,7 +71,7 @@ from kdstore.shuffle import PlanConfig
 from kdstore.taid import TaidState
 from kdstore.teacher import resolve_device
 
-RESUME_MAY_CHANGE = ("out", "device", "log_every")  # fields that do not change what is computed
+RESUME_MAY_CHANGE = ("out", "device", "log_every", "cache_dir")  # fields that do not change what is computed
 
 
 @dataclass(frozen=True)
@@ -95,6 +95,7 @@ class TrainConfig:
     grad_clip: Annotated[float, Field(ge=0)] = 1.0  # max global gradient norm; 0 = no clipping
     seed: Annotated[int, Field(ge=0)] = 0  # the loader's shuffle seeds numpy, which takes no negative seeds
     val_store: str = ""  # "": hold out val_fraction of STORE instead
+    cache_dir: str = ""  # the Arrow copies' folder; "": STORE/_cache/arrow, or RUN_DIR/_cache for a store at a URL
     val_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05  # strictly between 0 and 1 without a val_store
     val_every: Annotated[int, Field(ge=0)] = 100  # steps; 0 = only at the end
     checkpoint_every: Annotated[int, Field(ge=0)] = 100  # steps; 0 = only at the end
@@ -144,8 +145,12 @@ class TrainResult:
 
 
 # -- the recipe -------------------------------------------------------------
-def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print) -> TrainResult:
-    """Train (or, with ``resume``, continue) the run ``config`` describes; rank 0 logs through ``log``."""
+def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
+          storage_options: dict[str, Any] | None = None) -> TrainResult:
+    """Train (or, with ``resume``, continue) the run ``config`` describes; rank 0 logs through ``log``.
+
+    ``storage_options``: fsspec options for stores at URLs (kept out of the config: they may hold secrets,
+    and the config is saved in the checkpoint)."""
     started = time.perf_counter()
     rank, world, device, owns_group = _init_distributed(config.device)  # 1
     def say(line: str | None) -> None:
@@ -154,7 +159,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
 
     try:
         check_paths(config)  # before the store: a mistyped path fails at once
-        data = open_data(config)  # 2
+        data = open_data(config, storage_options)  # 2
         loader = make_dataloader(Sequences(data.dataset, data.train_rows), PlanConfig(config.batch_size, seed=config.seed),
                                  collator=data.collate, num_workers=config.num_workers)
         student = load_student(config.student, data.dataset.store.codec.vocab_size, config.seed).to(device)  # 3
@@ -268,16 +273,20 @@ class Data:
     val_collate: Collator
 
 
-def open_data(config: TrainConfig) -> Data:
+def open_data(config: TrainConfig, storage_options: dict[str, Any] | None = None) -> Data:
     """STORE and the validation sequences: all of ``val_store``, or the held-out ``val_fraction`` of STORE."""
-    dataset = MemoryMappedDataset(config.store)
+    def mapped(store: str) -> MemoryMappedDataset:
+        cache_dir = config.cache_dir or (str(Path(config.out) / "_cache") if "://" in store else None)
+        return MemoryMappedDataset(store, cache_dir=cache_dir, storage_options=storage_options)
+
+    dataset = mapped(config.store)
     codec = dataset.store.codec
     if config.loss.name == "sampled_kl" and codec.sampled_draws and codec.sampled_mode != config.loss.sampled_mode:
         raise TrainError(f"loss.sampled_mode is {config.loss.sampled_mode!r} but the draws in {config.store} are "
                          f"mode {codec.sampled_mode!r}", hint=f"set sampled_mode = {codec.sampled_mode!r} under [loss]")
     collate = Collator(codec, sampled=config.loss.name == "sampled_kl")
     if config.val_store:
-        val_dataset = MemoryMappedDataset(config.val_store)
+        val_dataset = mapped(config.val_store)
         if val_dataset.store.codec.vocab_size != codec.vocab_size:
             raise TrainError(f"the validation store has vocabulary {val_dataset.store.codec.vocab_size}, the training "
                              f"store {codec.vocab_size}", hint="use stores made with the same tokenizer")

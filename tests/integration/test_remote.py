@@ -172,3 +172,21 @@ def test_an_s3_store_that_cannot_be_read_is_one_line_naming_the_url(s3, stores, 
     assert len(lines) == 1 and lines[0].startswith("Error: ") and url in lines[0], result.output
     assert "Traceback" not in result.output
     assert ("nothing is there" in lines[0]) == (case == "no bucket")
+
+
+def test_train_reads_an_s3_store_through_a_local_arrow_copy_in_the_run_folder(s3, stores, tmp_path):
+    import json
+
+    from transformers import LlamaConfig
+
+    _, options = s3
+    _, url = stores
+    student = tmp_path / "student.json"
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    student.write_text(json.dumps(config.to_dict()))
+    flags = [f"--storage-option={key}={value}" for key, value in options.items()]
+    result = _cli("train", url, "--student", student, "--out", tmp_path / "run", "--steps", "2", "--batch-size", "2",
+                  *flags)
+    assert result.exit_code == 0, result.output
+    assert list((tmp_path / "run" / "_cache").glob("store-*.arrow")) and (tmp_path / "run" / "student").is_dir()
