@@ -59,7 +59,7 @@ class CodecError(KdstoreError):
 
 
 class StoreMismatchError(KdstoreError):
-    hint = "write into an empty folder, or use the same teacher, tokenizer and codec"
+    hint = "write into a new folder, or use the store's teacher, tokenizer, codec and build settings (values above)"
 
 
 class StoreLockedError(KdstoreError):
@@ -93,7 +93,9 @@ class TokenizerMismatchError(KdstoreError):
 
 
 class PartitionError(KdstoreError):
-    hint = "use fewer ranks or a smaller batch, or rebuild the store with smaller row groups (row_group_bytes)"
+    # row_group_bytes: a BuildConfig field and build.toml key (kdstore/build.py); tests/integration/test_build.py checks it
+    hint = ("use fewer ranks or a smaller batch, or rebuild the store with smaller row groups: a lower "
+            "row_group_bytes (default 1048576) in the build.toml of `kdstore build --config build.toml`")
 
 
 class CollateError(KdstoreError):
@@ -102,6 +104,10 @@ class CollateError(KdstoreError):
 
 class ResumeError(KdstoreError):
     hint = "resume with the same store, PlanConfig, ranks and DataLoader workers as the run that saved the state"
+
+class OutputFolderError(BuildError):
+    hint = "pick a new or empty --out folder: kdstore writes only into folders it made, and overwrites nothing else"
+
 
 
 # -- training a student -----------------------------------------------------

@@ -3,39 +3,58 @@
     with ShardWriter("store", manifest, partition=0, num_partitions=1) as writer:
         writer.write(table)            # a pyarrow Table in the store's schema
 
-* Rows are buffered into row groups of ~``row_group_bytes`` (uncompressed
-  Arrow bytes) and row groups into shards of ~``shard_bytes``. Both cuts depend
-  only on the rows written since the shard began, so the same rows always give
-  the same shards.
-* A shard is written as ``<name>.tmp``, fsynced, then renamed: a file with a
-  final name is always complete.
+* Rows are cut into row groups of ~``row_group_bytes`` (uncompressed Arrow
+  bytes, counted per row by ``row_bytes``) and row groups into shards of
+  ~``shard_bytes``. A row group closes at the first row that brings it to
+  ``row_group_bytes``, whatever tables the rows arrived in, and both cuts depend
+  only on the rows written since the shard began: the same rows always give
+  the same shards and row groups, also on resume.
+* Every temporary file or folder has a name of its own (``<name>.<pid>-<random>.tmp``),
+  so writers racing into one folder never share one. A shard is written under
+  such a name, fsynced, then renamed: a file with a final name is always
+  complete. The tokenizer copy is renamed into place by whichever writer comes
+  first; the others check that it holds the same files.
 * On a clean exit the writer records its partition in ``_partitions/`` and,
   when every partition has finished, writes ``manifest.json`` (atomically) as
-  their union. On an exception (Ctrl-C included) no partition record and no
-  manifest are written, and the half-written shard is deleted. Finished
-  shards stay on disk, unlisted, so a rerun resumes from them: rows of one
-  partition are written in a fixed order, so the committed rows are a prefix
-  of that order (``num_committed_rows``).
-* One writer per partition at a time (an advisory lock); a store made with a
-  different teacher, tokenizer, codec or build config is refused.
+  their union, and the dataset card ``README.md`` unless a README that is not
+  a kdstore card is there. On an exception (Ctrl-C included) no partition
+  record and no manifest are written, and the half-written shard is deleted.
+  Finished shards stay on disk, unlisted, so a rerun resumes from them: rows
+  of one partition are written in a fixed order, so the committed rows are a
+  prefix of that order (``num_committed_rows``).
+* Only a new or empty folder, or a kdstore store (finished or being built), is
+  written into: a folder holding other files is refused before anything is
+  created in it. One writer per partition at a time (an advisory lock); a
+  store made with a different teacher, tokenizer, codec or build config is
+  refused, naming the first field that differs and both values.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import secrets
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kdstore import __version__
-from kdstore.errors import KdstoreError, ShardCorruptError, StoreLockedError, StoreMismatchError
+from kdstore.errors import (
+    KdstoreError,
+    ManifestError,
+    OutputFolderError,
+    ShardCorruptError,
+    StoreLockedError,
+    StoreMismatchError,
+)
 from kdstore.format import (
     LOCK_DIR,
     MANIFEST_NAME,
@@ -52,7 +71,11 @@ from kdstore.format import (
 )
 
 DEFAULT_SHARD_BYTES = 256 << 20  # uncompressed; ~100 MB on disk at the default codec
-DEFAULT_ROW_GROUP_BYTES = 4 << 20  # ~1-2 MB compressed: one seek-and-read per random access
+# 1 MiB of Arrow rows, ~0.29 MB compressed at the default codec: one seek-and-read per random access. The bundled
+# demo store (`kdstore build`: 727 sequences, 27 MB of rows) gets 26 row groups, 6 or 7 per rank at 4 ranks; at
+# 4 MiB it got 6 (the writer then cut only between work units: groups of 1.9-7.8 MB), too few for 8 ranks. The
+# price: 100.8 instead of 98.7 bytes/token on that store (+2 %, more footer and smaller zstd windows).
+DEFAULT_ROW_GROUP_BYTES = 1 << 20
 DEFAULT_ZSTD_LEVEL = 9  # measured in benchmarks/codec.py: level 19 saves ~3 % more at 5x the time
 
 # Per-column Parquet encodings. BYTE_STREAM_SPLIT puts the k-th bytes of all
@@ -64,14 +87,25 @@ _SPLIT_COLUMNS = ("input_ids", "topk_id_deltas", "topk_logprob_codes", "tail_log
                   "sampled_id_deltas", "sampled_counts", "sampled_num_ids")
 
 
+def temporary_name(path: Path) -> Path:
+    """A name beside ``path`` that no other writer uses: ``<name>.<pid>-<8 random hex>.tmp``.
+
+    The pid tells which process left it; the random part keeps names apart across machines sharing a folder.
+    """
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and a rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Write ``text`` to ``path`` via a temporary file of its own and a rename."""
+    tmp = temporary_name(path)
+    try:
+        with open(tmp, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
@@ -117,7 +151,8 @@ class ShardWriter:
             raise KdstoreError(f"partition {partition} is outside 0..{num_partitions - 1}",
                                hint="pass --partition i with 0 <= i < --num-partitions")
         if row_group_bytes <= 0 or shard_bytes < row_group_bytes:
-            raise KdstoreError("need 0 < row_group_bytes <= shard_bytes")
+            raise KdstoreError(f"row_group_bytes must be above 0 and at most shard_bytes, got {row_group_bytes} and "
+                               f"{shard_bytes}", hint=f"leave row_group_bytes at {DEFAULT_ROW_GROUP_BYTES} or set it lower")
         self.root = Path(path)
         self.manifest = replace(manifest, shards=[], num_partitions=num_partitions,
                                 columns=list(schema.names), kdstore_version=__version__)
@@ -134,13 +169,15 @@ class ShardWriter:
         self._buffer: list[pa.Table] = []
         self._buffer_bytes = 0
         self._parquet: pq.ParquetWriter | None = None
+        self._tmp: Path | None = None  # the open shard's temporary name
         self._shard_rows = 0
         self._shard_tokens = 0
         self._shard_raw_bytes = 0
 
     # -- context manager ---------------------------------------------------
     def __enter__(self) -> ShardWriter:
-        for sub in (SHARD_DIR, PARTITION_DIR, LOCK_DIR):
+        check_output_folder(self.root)
+        for sub in (LOCK_DIR, PARTITION_DIR, SHARD_DIR):  # _locks first: it marks the folder as a store being built
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock(self.root / LOCK_DIR / f"part-{self.partition:05d}.lock", blocking=False)
         try:
@@ -172,25 +209,32 @@ class ShardWriter:
         """Append rows (a Table in ``self.schema``); they are committed with their shard."""
         if not table.schema.equals(self.schema, check_metadata=False):
             raise KdstoreError(f"rows do not match the store schema: got {table.schema}, want {self.schema}")
-        if table.num_rows == 0:
-            return
-        self._buffer.append(table)
-        self._buffer_bytes += table.nbytes
-        if self._buffer_bytes >= self.row_group_bytes:
-            self._flush_row_group()
-            if self._shard_raw_bytes >= self.shard_bytes:
-                self._commit_shard()
+        ends = np.cumsum(row_bytes(table))  # ends[i]: bytes of rows 0..i of this table
+        start = 0
+        while start < table.num_rows:
+            done = int(ends[start - 1]) if start else 0
+            # the first row that brings the open row group to row_group_bytes closes it
+            closing = int(np.searchsorted(ends, done + self.row_group_bytes - self._buffer_bytes, side="left"))
+            stop = min(closing + 1, table.num_rows)
+            self._buffer.append(table.slice(start, stop - start))
+            self._buffer_bytes += int(ends[stop - 1]) - done
+            start = stop
+            if self._buffer_bytes >= self.row_group_bytes:
+                self._flush_row_group()
+                if self._shard_raw_bytes >= self.shard_bytes:
+                    self._commit_shard()
 
     def _flush_row_group(self) -> None:
         if not self._buffer:
             return
         rows = pa.concat_tables(self._buffer).combine_chunks()
+        self._shard_raw_bytes += self._buffer_bytes
         self._buffer, self._buffer_bytes = [], 0
         if self._parquet is None:
-            self._parquet = self._open_parquet(self._tmp_path())
+            self._tmp = temporary_name(self.root / shard_name(self.partition, len(self.shards)))
+            self._parquet = self._open_parquet(self._tmp)
         self._parquet.write_table(rows, row_group_size=rows.num_rows)
         self._shard_rows += rows.num_rows
-        self._shard_raw_bytes += rows.nbytes
         if "input_ids" in rows.column_names:
             self._shard_tokens += int(pc.list_value_length(rows["input_ids"]).to_numpy().sum())
 
@@ -208,9 +252,6 @@ class ShardWriter:
             write_page_checksum=True,
         )
 
-    def _tmp_path(self) -> Path:
-        return self.root / (shard_name(self.partition, len(self.shards)) + ".tmp")
-
     def _commit_shard(self) -> None:
         if self._parquet is None:
             return
@@ -219,10 +260,11 @@ class ShardWriter:
         )
         self._parquet.close()
         self._parquet = None
-        tmp = self._tmp_path()
+        tmp, self._tmp = self._tmp, None
+        assert tmp is not None  # set with self._parquet
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        final = tmp.with_name(tmp.name[: -len(".tmp")])
+        final = self.root / shard_name(self.partition, len(self.shards))
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         relative = final.relative_to(self.root).as_posix()
@@ -237,7 +279,9 @@ class ShardWriter:
                 self._parquet.close()
             finally:
                 self._parquet = None
-                self._tmp_path().unlink(missing_ok=True)
+                if self._tmp is not None:
+                    self._tmp.unlink(missing_ok=True)
+                    self._tmp = None
 
     # -- recovery ----------------------------------------------------------
     def _check_existing_store(self) -> None:
@@ -246,7 +290,7 @@ class ShardWriter:
         sources = [self.root / MANIFEST_NAME] if (self.root / MANIFEST_NAME).exists() else []
         sources += sorted((self.root / PARTITION_DIR).glob("part-*.json"))
         for source in sources:
-            data = json.loads(source.read_text())
+            data = read_record(source)
             found = {key: data.get(key) for key in wanted}
             if source.name == MANIFEST_NAME:
                 found["num_partitions"] = wanted["num_partitions"]  # a finished store may be extended
@@ -285,11 +329,97 @@ class ShardWriter:
             self._lock_file = None
 
 
-def _refuse_if_different(found: dict[str, Any], wanted: dict[str, Any], source: Path) -> None:
+def row_bytes(table: pa.Table) -> np.ndarray:
+    """Uncompressed Arrow bytes of each row of ``table`` [num_rows] int64: values, plus 4 offset bytes per list or
+    string. A function of the row alone, so the writer's cuts do not depend on how rows were grouped into tables."""
+    sizes = np.zeros(table.num_rows, dtype=np.int64)
+    for column in table.columns:
+        kind = column.type
+        if pa.types.is_list(kind) and _fixed_width(kind.value_type):
+            lengths = pc.list_value_length(column).fill_null(0).to_numpy()
+            sizes += 4 + lengths.astype(np.int64) * _fixed_width(kind.value_type)
+        elif pa.types.is_string(kind) or pa.types.is_binary(kind):
+            sizes += 4 + pc.binary_length(column).fill_null(0).to_numpy().astype(np.int64)
+        elif _fixed_width(kind):
+            sizes += _fixed_width(kind)
+        else:  # nested (the generations table): Arrow's own count, a row at a time
+            sizes += np.array([column.slice(i, 1).nbytes for i in range(len(column))], dtype=np.int64)
+    return sizes
+
+
+def _fixed_width(kind: pa.DataType) -> int:
+    """Bytes per value of a fixed-width type (at least 1); 0 for variable-width and nested types."""
+    try:
+        return max(1, kind.bit_width // 8)
+    except ValueError:
+        return 0
+
+
+def check_output_folder(root: Path) -> None:
+    """Refuse a folder that holds files of its own: write only into a new or empty folder or a kdstore store.
+
+    A store is a folder with a kdstore ``manifest.json``, or one a writer began (every writer makes ``_locks/``
+    before anything else), or partitions copied together for ``--finalize`` (``_partitions/``, or ``shards/``
+    holding only ``part-*`` files). Nothing is created or changed here.
+    """
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise OutputFolderError(f"{root} is a file, not a folder")
+    if (root / MANIFEST_NAME).exists():
+        read_record(root / MANIFEST_NAME)  # a kdstore manifest, or refused
+        return
+    entries = sorted(entry.name for entry in root.iterdir())
+    shards = sorted(p.name for p in (root / SHARD_DIR).iterdir()) if (root / SHARD_DIR).is_dir() else []
+    begun = (root / LOCK_DIR).is_dir() or (root / PARTITION_DIR).is_dir() or (
+        shards and all(name.startswith("part-") for name in shards))
+    if entries and not begun:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise OutputFolderError(f"{root} is not empty ({shown}) and is not a kdstore store")
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A store's ``manifest.json`` or partition record as a dict; one-line errors when it is not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data, problem = None, f"not JSON ({exc})"
+    else:
+        problem = "not a kdstore manifest"
+    if isinstance(data, dict) and (data.get("format") == "kdstore" or path.name != MANIFEST_NAME):
+        return data
+    if path.name == MANIFEST_NAME:
+        raise OutputFolderError(f"{path} is {problem}", hint="pick a new or empty --out folder; if it was a kdstore "
+                                                              "store, restore its manifest.json from a good copy")
+    raise ManifestError(f"{path} is {problem if data is None else 'not a partition record'}",
+                        hint=f"delete it and rerun partition {path.stem.split('-')[-1].lstrip('0') or '0'}")
+
+
+_ABSENT = "(absent)"
+
+
+def _refuse_if_different(found: dict[str, Any], wanted: dict[str, Any], source: Path,
+                         sides: tuple[str, str] = ("the store", "this build")) -> None:
+    """StoreMismatchError naming, for each differing key, the first differing field and its value on both sides."""
     different = [key for key in wanted if found.get(key) != wanted[key]]
     if different:
-        raise StoreMismatchError(f"{source.parent if source.suffix == '.json' else source} holds a store with a "
-                                 f"different {', '.join(different)} than this build")
+        details = "; ".join(_first_difference(found.get(key), wanted[key], key, sides) for key in different)
+        where = source.parent if source.name == MANIFEST_NAME else source
+        raise StoreMismatchError(f"{where} holds a store with a different {', '.join(different)} than this build: "
+                                 f"{details}")
+
+
+def _first_difference(found: Any, wanted: Any, field: str, sides: tuple[str, str]) -> str:
+    if isinstance(found, dict) and isinstance(wanted, dict):
+        for key in [*wanted, *(k for k in found if k not in wanted)]:  # the record's order: teacher.model first
+            if found.get(key, _ABSENT) != wanted.get(key, _ABSENT):
+                return _first_difference(found.get(key, _ABSENT), wanted.get(key, _ABSENT), f"{field}.{key}", sides)
+    return f"{field} is {_shown(found)} in {sides[0]}, {_shown(wanted)} in {sides[1]}"
+
+
+def _shown(value: Any, limit: int = 70) -> str:
+    text = value if value is _ABSENT else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _lock(path: Path, blocking: bool) -> Any:
@@ -303,12 +433,37 @@ def _lock(path: Path, blocking: bool) -> Any:
 
 
 def _copy_tree_atomic(source: Path, target: Path) -> None:
-    if target.exists():
-        return
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    os.replace(tmp, target)
+    """Copy the files of folder ``source`` to ``target`` atomically, unless a copy is there already.
+
+    Writers of several partitions race here: each copies into a folder of its own and renames it into place;
+    a rename onto the folder another writer put there first fails (ENOTEMPTY/EEXIST), which is success when
+    that folder holds the same files. Files are created under the umask (copytree would copy the source's mode,
+    and a TemporaryDirectory is 0700).
+    """
+    if not target.exists():
+        tmp = temporary_name(target)
+        try:
+            tmp.mkdir()
+            for file in sorted(p for p in source.iterdir() if p.is_file()):
+                with open(file, "rb") as reading, open(tmp / file.name, "wb") as writing:
+                    shutil.copyfileobj(reading, writing)
+                    writing.flush()
+                    os.fsync(writing.fileno())
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) or not target.is_dir():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if _file_contents(target) != _file_contents(source):
+        raise StoreMismatchError(f"{target} holds other files than this build's tokenizer ({source})",
+                                 hint="build into a new folder, or delete the store's tokenizer/ if it is stale")
+
+
+def _file_contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
 def finalize(root: str | os.PathLike[str]) -> Manifest | None:
@@ -322,28 +477,34 @@ def finalize(root: str | os.PathLike[str]) -> Manifest | None:
     if not records:
         return None
     with _lock(root / LOCK_DIR / "finalize.lock", blocking=True):
-        datas = [json.loads(p.read_text()) for p in records]
+        datas = [read_record(p) for p in records]
         first = datas[0]
         if len(datas) < first["num_partitions"]:
             return None
         shards: list[ShardInfo] = []
         shared = [k for k in first if k not in ("partition", "shards")]
         for source, data in zip(records, datas):
-            _refuse_if_different({k: data.get(k) for k in shared}, {k: first[k] for k in shared}, source)
+            _refuse_if_different({k: data.get(k) for k in shared}, {k: first[k] for k in shared}, source,
+                                 (source.name, records[0].name))
             shards += [ShardInfo(**s) for s in data["shards"]]
         fields = {k: first[k] for k in shared}
         manifest = Manifest(**fields, shards=sorted(shards, key=lambda s: s.path),
                             kdstore_version=__version__, created_at=new_created_at())
         write_atomic(root / MANIFEST_NAME, manifest.to_json())
-        write_atomic(root / "README.md", dataset_card(manifest))
+        card = root / "README.md"
+        if not card.exists() or card.read_text(errors="replace").startswith(DATASET_CARD_TITLE):  # never a user's README
+            write_atomic(card, dataset_card(manifest))
         return manifest
+
+
+DATASET_CARD_TITLE = "# kdstore "  # how a README.md that kdstore wrote begins
 
 
 def dataset_card(manifest: Manifest) -> str:
     """A short README.md for the store folder, for people who find it without kdstore."""
     codec = manifest.codec
     return (
-        f"# kdstore {manifest.table} store\n\n"
+        f"{DATASET_CARD_TITLE}{manifest.table} store\n\n"
         f"Teacher `{manifest.teacher['model']}` ({manifest.teacher['dtype']}, vocabulary {manifest.teacher['vocab_size']}), "
         f"tokenizer `{manifest.tokenizer['name']}`.\n"
         f"{manifest.num_sequences} sequences, {manifest.num_tokens} tokens, top-{codec['k']} log-probs per position, "
