@@ -15,6 +15,7 @@ compression and memory stays flat.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import queue
@@ -34,8 +35,16 @@ from kdstore.config_file import check_config, read_toml_config
 from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, tokenize_unit
 from kdstore.errors import BuildError, KdstoreError
 from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table, sha256_named_files
-from kdstore.teacher import Teacher, load_teacher, sample_sparse, sparsify, teacher_logits_chunks, to_numpy
-from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
+from kdstore.teacher import (
+    Teacher,
+    load_teacher,
+    load_tokenizer,
+    sample_sparse,
+    sparsify,
+    teacher_logits_chunks,
+    to_numpy,
+)
+from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter, check_output_folder
 
 ASSETS = Path(__file__).with_name("assets")
 DEFAULT_TEACHER = str(ASSETS / "teacher")
@@ -71,6 +80,9 @@ class BuildConfig:
     num_partitions: Annotated[int, Field(ge=1)] = 1
     partition: Annotated[int, Field(ge=0)] = 0  # below num_partitions
     shard_bytes: Annotated[int, Field(ge=1)] = 256 << 20
+    # uncompressed Arrow bytes per Parquet row group (kdstore/writer.py: 1 MiB gives the bundled demo store 26 row
+    # groups); a loader needs at least one row group per rank, so small stores read by many ranks want less
+    row_group_bytes: Annotated[int, Field(ge=1)] = DEFAULT_ROW_GROUP_BYTES
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -134,17 +146,16 @@ def _check_inputs(config: BuildConfig, teacher: Teacher, tokenizer: Any) -> None
 
 def build(config: BuildConfig) -> BuildResult:
     """Build (or resume) partition ``config.partition`` of the store at ``config.out``."""
-    from transformers import AutoTokenizer
-
     started = time.perf_counter()
     result = BuildResult(out=config.out)
+    check_output_folder(Path(config.out))  # someone's folder is refused before minutes of loading
     # Read the corpus once before loading the teacher: a bad corpus fails before
     # minutes of loading, and the count gives the progress bar its total. Only
     # the count is kept; the build pass streams the units again.
     num_units = sum(1 for u in iter_units(config.corpus, config.corpus_config(), result.corpus)
                     if partition_of(u.key, config.num_partitions) == config.partition)
+    tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)  # first: it loads in a second
     teacher = load_teacher(config.teacher, config.dtype, config.device, config.trust_remote_code)
-    tokenizer = AutoTokenizer.from_pretrained(config.teacher, trust_remote_code=config.trust_remote_code)
     _check_inputs(config, teacher, tokenizer)
     codec = CodecConfig(k=config.k, vocab_size=teacher.vocab_size, sampled_draws=config.sampled_draws,
                         sampled_mode=config.sampled_mode, sampled_scheme=config.sampled_scheme)
@@ -155,20 +166,35 @@ def build(config: BuildConfig) -> BuildResult:
                             codec=codec.to_dict(), build=config.recorded())
         writer = ShardWriter(config.out, manifest, schema, partition=config.partition,
                              num_partitions=config.num_partitions, shard_bytes=config.shard_bytes,
-                             row_group_bytes=min(DEFAULT_ROW_GROUP_BYTES, config.shard_bytes), tokenizer_dir=scratch)
+                             row_group_bytes=min(config.row_group_bytes, config.shard_bytes), tokenizer_dir=scratch)
         compute_started = time.perf_counter()
         try:
             with writer, _BackgroundWriter(writer, codec, schema) as background:
                 _run_partition(config, num_units, teacher, tokenizer, writer, background, result)
         except OSError as exc:  # read-only folder, full disk, ...
-            raise BuildError(f"cannot write the store at {config.out}: {exc.strerror or exc}",
-                             hint="free space or pick a writable --out; committed shards are kept") from None
+            raise _write_error(config.out, exc) from None
     result.seconds = time.perf_counter() - started
     result.compute_seconds = time.perf_counter() - compute_started
     done = writer.finalized
     if done is not None:
         result.finished, result.total_bytes, result.store_tokens = True, done.total_bytes, done.num_tokens
     return result
+
+
+def _write_error(out: str, exc: OSError) -> BuildError:
+    """What failed, on which file, and the fix that fits the cause (only a full disk asks for space)."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    names = [str(n) for n in (exc.filename, exc.filename2) if n]
+    on = f" ({' -> '.join(names)})" if names else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free space or raise the quota, or pick another --out; committed shards are kept"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "pick an --out folder you can write to; committed shards are kept"
+    elif exc.errno in (errno.ENOTDIR, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR):
+        hint = "--out must be a folder (new, empty, or a kdstore store), and nothing else may write its files"
+    else:
+        hint = "fix the cause named above and rerun; committed shards are kept"
+    return BuildError(f"cannot write the store at {out}: {what}{on}", hint=hint)
 
 
 def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokenizer: Any,

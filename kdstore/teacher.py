@@ -43,6 +43,7 @@ class Teacher:
     source: str
     vocab_size: int  # the logit dimension
     max_positions: int | None
+    trust_remote_code: bool = False  # whether the model's own Python code was allowed to run
 
     def info(self) -> dict[str, Any]:
         """The manifest's ``teacher`` record."""
@@ -54,6 +55,7 @@ class Teacher:
             "dtype": self.dtype_name,
             "vocab_size": self.vocab_size,
             "architecture": (config.architectures or [type(self.model).__name__])[0],
+            "trust_remote_code": self.trust_remote_code,
         }
 
 
@@ -65,25 +67,87 @@ def resolve_device(name: str) -> torch.device:
         return torch.device(f"cuda:{local_rank}" if local_rank.isdigit() else "cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise TeacherError(f"--device {name} asked for CUDA, but torch sees no GPU", hint="use --device cpu or auto")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TeacherError(f"--device {name!r} is not a device torch knows", hint="use cpu, cuda, cuda:N or auto") from None
 
 
 def load_teacher(source: str, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False) -> Teacher:
     """Load a causal LM with ``from_pretrained`` (a local folder or a hub id) in eval mode."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise TeacherError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    _check_source(source)
     torch_device = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
+    except SafetensorError as exc:  # a truncated or damaged weights file
+        raise TeacherError(f"cannot load teacher {source!r}: {_damaged_weights(Path(source))}{_first_line(exc)}",
+                           hint="download or save the teacher's weights again") from None
     except (OSError, ValueError) as exc:
-        raise TeacherError(f"cannot load teacher {source!r}: {str(exc).splitlines()[0]}") from None
+        raise TeacherError(f"cannot load teacher {source!r}: {_first_line(exc)}") from None
     model.to(torch_device).eval()
     vocab_size = model.get_output_embeddings().weight.shape[0]
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[DTYPES[dtype]]
-    return Teacher(model, torch_device, name, str(source), vocab_size, max_positions)
+    return Teacher(model, torch_device, name, str(source), vocab_size, max_positions, trust_remote_code)
+
+
+# Files `transformers` builds a tokenizer from; a teacher folder without any of them has no tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "merges.txt")
+
+
+def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
+    """The teacher's tokenizer (``AutoTokenizer.from_pretrained``); TeacherError when it has none or it fails to load."""
+    from transformers import AutoTokenizer
+
+    _check_source(source)
+    folder = Path(source).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise TeacherError(f"teacher folder {source} has no tokenizer files (none of {', '.join(TOKENIZER_FILES[:3])}, ...)",
+                           hint="save the tokenizer beside the model: tokenizer.save_pretrained(folder)")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise TeacherError(f"cannot load the tokenizer of teacher {source!r}: {_first_line(exc)}",
+                           hint="check the tokenizer files in the teacher folder (tokenizer.json, tokenizer_config.json)"
+                           ) from None
+
+
+def _check_source(source: str) -> None:
+    """A path that does not exist is reported as such; transformers would take it for a hub id and name id rules."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise TeacherError(f"teacher {source} is a file; --teacher takes a model folder or a hub id",
+                               hint="pass the folder holding config.json and the weights")
+        return
+    looks_like_path = source.startswith((".", "/", "~")) or "\\" in source or source.count("/") > 1 or source.endswith("/")
+    if looks_like_path:
+        raise TeacherError(f"teacher folder {source} does not exist",
+                           hint="check the path (a hub id looks like org/name, without ./ or /)")
+
+
+def _damaged_weights(folder: Path) -> str:
+    """'<file> is truncated or damaged: ' for the first weights file of ``folder`` safetensors cannot open, else ''."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return f"{path.name} is truncated or damaged: "
+    return ""
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def content_sha256(folder: Path) -> str:

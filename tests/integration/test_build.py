@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -12,12 +13,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import pytest
 import torch
 from click.testing import CliRunner
 
 from conftest import save_tiny_teacher, write_word_corpus
+from kdstore.build import DEFAULT_TEACHER
 from kdstore.cli.main import cli
 from kdstore.store import open_store
+from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, row_bytes
 
 
 def run(*args) -> object:
@@ -310,3 +315,209 @@ def test_kill_9_at_20_random_points_then_rerun_gives_the_uninterrupted_store(tmp
     assert kills_while_writing >= 20
     assert subprocess.run([*command, str(target)], capture_output=True).returncode == 0
     assert_same_as_whole(target)
+
+
+# -- the user's folders ----------------------------------------------------------------------------------------
+def _listing(path: Path) -> dict[str, bytes]:
+    return {p.relative_to(path).as_posix(): p.read_bytes() if p.is_file() else b"" for p in sorted(path.rglob("*"))}
+
+
+def test_build_into_a_folder_of_other_files_is_refused_touching_nothing(tmp_path, tiny_teacher, word_corpus):
+    mine = tmp_path / "mine"
+    (mine / "data").mkdir(parents=True)
+    (mine / "README.md").write_text("# My thesis\n")
+    (mine / "data" / "results.csv").write_text("a,b\n1,2\n")
+    before = _listing(mine)
+    line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", mine, "-k", "4"))
+    assert f"{mine} is not empty (README.md, data) and is not a kdstore store" in line and "new or empty --out" in line
+    assert _listing(mine) == before  # the README is the user's, and no _locks/ or shards/ appeared
+
+
+def test_build_into_a_folder_whose_manifest_json_is_not_json_is_one_line(tmp_path, tiny_teacher, word_corpus):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.json").write_text("my ship's cargo manifest\n")
+    line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "out", "-k", "4"))
+    assert "manifest.json is not JSON" in line
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["manifest.json"]
+
+
+def test_a_write_error_names_what_failed_and_only_a_full_disk_asks_for_space(tmp_path, tiny_teacher, word_corpus):
+    (tmp_path / "s" / "_locks").mkdir(parents=True)  # a store being built, whose shards/ is a file
+    (tmp_path / "s" / "shards").write_text("in the way")
+    line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "4"))
+    assert line.startswith(f"Error: cannot write the store at {tmp_path / 's'}: File exists ({tmp_path / 's' / 'shards'})")
+    assert "free space" not in line
+
+
+def _cli_process(args: list[str], log: str) -> None:
+    """A partition process: ``kdstore ARGS`` as the installed command runs it, its stderr into ``log``."""
+    import contextlib
+
+    from kdstore.cli.main import cli
+
+    with open(log, "w") as stderr, contextlib.redirect_stderr(stderr):
+        cli.main(args=args, prog_name="kdstore")  # exits with the command's status
+
+
+def test_four_partition_processes_started_at_once_into_an_empty_folder_never_fail(tmp_path, tiny_teacher):
+    """They used to race on one temporary name for the tokenizer copy (and the error asked to free disk space).
+
+    Each round forks 4 processes at the same moment from a server that imported kdstore, torch and transformers
+    once: real processes running the real command, started closer together than 4 `python -m kdstore.cli.main`
+    (whose imports take ~4 s of CPU each and spread the starts by ~0.3 s), so the race is hit, not skirted.
+    """
+    import multiprocessing
+
+    corpus = write_word_corpus(tmp_path / "corpus", num_files=4, docs_per_file=2)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["kdstore.cli.main", "kdstore.build", "transformers", "tokenizers",
+                                    "transformers.models.llama.modeling_llama"])
+    failures = []
+    for attempt in range(10):
+        out = tmp_path / f"store{attempt}"
+        out.mkdir()
+        args = ["build", str(corpus), "--teacher", str(tiny_teacher), "-k", "4", "--seq-len", "16", "--device", "cpu",
+                "--num-partitions", "4", "--out", str(out)]
+        logs = [tmp_path / f"log{attempt}-{i}.txt" for i in range(4)]
+        processes = [context.Process(target=_cli_process, args=([*args, "--partition", str(i)], str(log)))
+                     for i, log in enumerate(logs)]
+        for process in processes:
+            process.start()
+        for process, log in zip(processes, logs):
+            process.join(timeout=120)
+            if process.exitcode != 0:
+                failures.append(f"{process.exitcode}: {log.read_text()[-500:]}")
+        verified = CliRunner().invoke(cli, ["verify", str(out)])
+        assert verified.exit_code == 0 and verified.output.startswith("OK"), verified.output
+        assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")] == []
+    assert failures == []
+
+
+# -- row groups --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def hundred_sequence_store(tmp_path_factory):
+    """~100 sequences of the bundled corpus through the bundled teacher, every setting at its default."""
+    from kdstore.build import DEFAULT_CORPUS
+
+    folder = tmp_path_factory.mktemp("hundred")
+    (folder / "corpus").mkdir()
+    for name in ("fables.txt", "history.txt", "science.txt", "stories.txt"):
+        shutil.copy(Path(DEFAULT_CORPUS) / name, folder / "corpus" / name)
+    result = run(folder / "corpus", "--out", folder / "store", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return folder / "store"
+
+
+def test_default_row_groups_let_four_ranks_stream_a_store_of_about_100_sequences(hundred_sequence_store):
+    from kdstore.loader import StreamingDataset
+    from kdstore.shuffle import PlanConfig
+
+    store = open_store(hundred_sequence_store)
+    assert 90 <= store.manifest.num_sequences <= 110
+    num_row_groups = sum(pq.ParquetFile(hundred_sequence_store / s.path).num_row_groups for s in store.manifest.shards)
+    assert num_row_groups >= 6  # one row group per work unit (here: per file) gave 4, which 4 ranks would share
+    seen = set()
+    for rank in range(4):
+        dataset = StreamingDataset(hundred_sequence_store, PlanConfig(batch_size=2), rank=rank, num_ranks=4)
+        batches = list(dataset)
+        assert len(batches) == len(dataset) > 0 and all(len(b) == 2 for b in batches)
+        seen |= {sample["sequence_id"] for batch in batches for sample in batch}
+    assert len(seen) == store.manifest.num_sequences
+
+
+def test_the_torchrun_example_trains_on_four_ranks_of_a_small_built_store(hundred_sequence_store, tmp_path):
+    example = Path(__file__).parents[2] / "examples" / "train_ddp.py"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "4", str(example),
+                str(hundred_sequence_store), "--steps", "2", "--batch-size", "2", "--workers", "0"]
+    done = subprocess.run(torchrun, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "done: 2 steps on 4 ranks" in done.stdout
+
+
+def test_row_group_bytes_from_build_toml_sets_the_row_groups(tmp_path, tiny_teacher, word_corpus):
+    config = tmp_path / "build.toml"
+    config.write_text("row_group_bytes = 4000\n")
+    result = run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "8", "--config", config)
+    assert result.exit_code == 0, result.output
+    store = open_store(tmp_path / "s")
+    files = [pq.ParquetFile(tmp_path / "s" / s.path) for s in store.manifest.shards]
+    assert sum(f.num_row_groups for f in files) > 3  # one row group per work unit before: here the corpus is one unit
+    columns = store.manifest.columns
+    for f in files:  # every row group but a shard's last holds at least row_group_bytes of Arrow rows
+        for i in range(f.num_row_groups - 1):
+            assert row_bytes(f.read_row_group(i, columns=columns)).sum() >= 4000
+
+
+def test_the_partition_error_hint_names_a_build_setting_that_exists():
+    from kdstore.build import BuildConfig
+    from kdstore.errors import PartitionError
+
+    assert "row_group_bytes" in PartitionError.hint and "row_group_bytes" in {f.name for f in dataclasses.fields(BuildConfig)}
+    assert f"default {DEFAULT_ROW_GROUP_BYTES}" in PartitionError.hint
+    assert BuildConfig().row_group_bytes == DEFAULT_ROW_GROUP_BYTES
+
+
+# -- the teacher -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("flag, recorded", [((), False), (("--trust-remote-code",), True)])
+def test_the_manifest_records_whether_remote_code_was_on(tmp_path, tiny_teacher, word_corpus, flag, recorded):
+    result = run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "4", *flag)
+    assert result.exit_code == 0, result.output
+    assert open_store(tmp_path / "s").manifest.teacher["trust_remote_code"] is recorded
+
+
+def test_a_teacher_folder_without_tokenizer_files_is_one_line(tmp_path, tiny_teacher, word_corpus):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (teacher / name).unlink(missing_ok=True)
+    line = one_line_error(run(word_corpus, "--teacher", teacher, "--out", tmp_path / "s", "-k", "4"))
+    assert f"teacher folder {teacher} has no tokenizer files" in line and "save_pretrained" in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_truncated_teacher_weights_are_one_line_naming_the_file(tmp_path, tiny_teacher, word_corpus):
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_teacher, teacher)
+    weights = teacher / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    line = one_line_error(run(word_corpus, "--teacher", teacher, "--out", tmp_path / "s", "-k", "4", "--device", "cpu"))
+    assert "model.safetensors is truncated or damaged" in line and "again" in line
+
+
+@pytest.mark.parametrize("name", ["./my-teacher", "../models/my-teacher", "/no/such/teacher", "models/org/name"])
+def test_a_teacher_path_that_does_not_exist_says_so(tmp_path, word_corpus, name):
+    line = one_line_error(run(word_corpus, "--teacher", name, "--out", tmp_path / "s"))
+    assert f"teacher folder {name} does not exist" in line and "Repo id" not in line
+
+
+def test_an_unknown_device_is_one_line(tmp_path, tiny_teacher, word_corpus):
+    line = one_line_error(run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "--device", "gpu"))
+    assert "--device 'gpu' is not a device torch knows" in line
+
+
+def test_a_store_of_another_teacher_is_refused_naming_the_field_and_both_values(tmp_path, tiny_teacher, word_corpus):
+    assert run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / "s", "-k", "4").exit_code == 0
+    line = one_line_error(run(word_corpus, "--out", tmp_path / "s", "-k", "4"))  # the bundled teacher
+    assert f"different teacher, tokenizer, codec than this build: teacher.model is '{tiny_teacher}' in the store, " \
+           f"'{DEFAULT_TEACHER}' in this build; tokenizer.name is" in line
+
+
+# -- the docs' commands work as written ---------------------------------------------------------------------
+@pytest.mark.parametrize("page", ["README.md", "docs/build.md"])
+def test_build_commands_of_the_docs_that_share_an_out_folder_agree(page):
+    """Commands writing one --out must agree on the teacher and every setting but --partition (else: a mismatch)."""
+    root = Path(__file__).parents[2]
+    text = (root / page).read_text().replace("\\\n", " ")
+    by_out: dict[str, set[tuple[str, ...]]] = {}
+    for line in text.splitlines():
+        if "kdstore build " not in line and "kdstore.cli.main build" not in line:
+            continue
+        words = line.split("#")[0].replace(";", " ").split()
+        words = words[words.index("build") + 1:]
+        settings = [w for i, w in enumerate(words) if w not in ("--partition", "&", "done", "wait")
+                    and not (i and words[i - 1] == "--partition") and w != "--out" and not (i and words[i - 1] == "--out")]
+        if "--out" in words and "--finalize" not in words:
+            by_out.setdefault(words[words.index("--out") + 1], set()).add(tuple(settings))
+    assert by_out, page
+    for out, variants in by_out.items():
+        assert len(variants) == 1, f"{page}: commands writing {out} differ: {variants}"
