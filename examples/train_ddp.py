@@ -5,8 +5,10 @@
     torchrun --standalone --nproc-per-node 2 examples/train_ddp.py demo-store --steps 40 --checkpoint ckpt.pt  # resumes
 
 Every rank reads its own part of each epoch (kdstore.shuffle) and steps the same number of times, so the
-DDP all-reduce never waits on a rank that ran out. The loss is the teacher's top-K cross-entropy plus the
-ordinary next-token loss; the student is a small Llama made from a config (no download).
+DDP all-reduce never waits on a rank that ran out. Ranks are handed whole row groups, so the store needs at
+least one per rank: the demo store has 26 (1 MiB each, `row_group_bytes` in kdstore build's build.toml).
+The loss is the teacher's top-K cross-entropy plus the ordinary next-token loss; the student is a small
+Llama made from a config (no download).
 """
 
 from __future__ import annotations
