@@ -87,6 +87,10 @@ class BuildError(KdstoreError):
     hint = "fix the input named above and rerun; committed work is kept"
 
 
+class OutputFolderError(BuildError):
+    hint = "pick a new or empty --out folder: kdstore writes only into folders it made, and overwrites nothing else"
+
+
 # -- loading a store into a trainer: tokenizer, partition, collate, resume ---
 class TokenizerMismatchError(KdstoreError):
     hint = "train the student with the teacher's tokenizer (STORE/tokenizer/), or pass allow_tokenizer_mismatch=True"
@@ -104,10 +108,6 @@ class CollateError(KdstoreError):
 
 class ResumeError(KdstoreError):
     hint = "resume with the same store, PlanConfig, ranks and DataLoader workers as the run that saved the state"
-
-class OutputFolderError(BuildError):
-    hint = "pick a new or empty --out folder: kdstore writes only into folders it made, and overwrites nothing else"
-
 
 
 # -- training a student -----------------------------------------------------
