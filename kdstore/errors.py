@@ -70,8 +70,24 @@ class VerifyError(KdstoreError):
     hint = "run `kdstore verify STORE` for the full list of problems"
 
 
+class UnsafeFileError(KdstoreError):
+    hint = "kdstore reads only regular files inside the store folder: replace the link by the file itself"
+
+
+class StorageError(KdstoreError):
+    hint = "check the location, its credentials (--storage-option KEY=VALUE) and the network"
+
+
+class ArrowCopyError(KdstoreError):
+    hint = "delete the Arrow copy named above; it is remade from the verified shards on next use"
+
+
 class EmptyStoreError(KdstoreError):
     hint = "build the store with at least one sequence (`kdstore info STORE` shows the counts)"
+
+
+class ExportError(KdstoreError):
+    hint = "docs/export.md says what each --format holds and needs"
 
 
 # -- building a store: corpus, teacher, build -------------------------------
@@ -94,6 +110,10 @@ class OutputFolderError(BuildError):
 # -- loading a store into a trainer: tokenizer, partition, collate, resume ---
 class TokenizerMismatchError(KdstoreError):
     hint = "train the student with the teacher's tokenizer (STORE/tokenizer/), or pass allow_tokenizer_mismatch=True"
+
+
+class TokenizerError(KdstoreError):
+    hint = "pass a local tokenizer or model folder holding the tokenizer files (tokenizer.save_pretrained(folder) writes them)"
 
 
 class PartitionError(KdstoreError):

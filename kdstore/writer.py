@@ -66,7 +66,7 @@ from kdstore.format import (
     ShardInfo,
     new_created_at,
     partition_record_name,
-    sha256_file,
+    shard_info,
     shard_name,
 )
 
@@ -268,7 +268,7 @@ class ShardWriter:
         os.replace(tmp, final)
         _fsync_dir(final.parent)
         relative = final.relative_to(self.root).as_posix()
-        self.shards.append(ShardInfo(relative, self._shard_rows, self._shard_tokens, final.stat().st_size, sha256_file(final)))
+        self.shards.append(shard_info(final, relative, self._shard_rows, self._shard_tokens))
         self.num_committed_rows += self._shard_rows
         self._shard_rows = self._shard_tokens = self._shard_raw_bytes = 0
 
@@ -312,8 +312,7 @@ class ShardWriter:
             essentials = read_shard_essentials(path)
             _refuse_if_different({key: essentials.get(key) for key in wanted}, wanted, path)
             counts = json.loads(pq.read_metadata(path).metadata[b"kdstore_shard"])
-            self.shards.append(ShardInfo(relative, counts["num_rows"], counts["num_tokens"],
-                                         path.stat().st_size, sha256_file(path)))
+            self.shards.append(shard_info(path, relative, counts["num_rows"], counts["num_tokens"]))
             self.num_committed_rows += counts["num_rows"]
 
     def committed_sequence_ids(self) -> list[str]:

@@ -22,6 +22,7 @@ from conftest import save_tiny_teacher, write_word_corpus
 from kdstore.build import DEFAULT_TEACHER
 from kdstore.cli.main import cli
 from kdstore.store import open_store
+from kdstore.verify import verify_store
 from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, row_bytes
 
 
@@ -47,7 +48,7 @@ def test_build_writes_a_store_that_verifies_and_records_its_provenance(tmp_path,
     assert result.exit_code == 0, result.output
     assert "bytes/token" in result.output
     store = open_store(tmp_path / "s")
-    assert store.verify() == []
+    assert verify_store(store) == []
     manifest = store.manifest
     assert manifest.teacher["vocab_size"] == 320 and manifest.teacher["content_sha256"]
     assert manifest.tokenizer["special_ids"] == {"bos": 1, "eos": 2, "pad": 0, "unk": 3}
@@ -109,7 +110,7 @@ def test_partitioned_build_holds_the_same_sequences_as_a_single_one(tmp_path, ti
         result = run(corpus, "--out", tmp_path / "three", *common, "--num-partitions", "3", "--partition", partition)
         assert result.exit_code == 0, result.output
     assert store_rows(tmp_path / "one") == store_rows(tmp_path / "three")
-    assert open_store(tmp_path / "three").verify() == []
+    assert verify_store(open_store(tmp_path / "three")) == []
     assert "store" in CliRunner().invoke(cli, ["build", "--finalize", "--out", str(tmp_path / "three")]).output
 
 
@@ -123,7 +124,7 @@ def test_torchrun_ranks_build_the_partitions_of_one_store(tmp_path, tiny_teacher
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[:6000]
     assert sorted(p.name for p in (tmp_path / "ranks" / "_partitions").iterdir()) == ["part-00000.json", "part-00001.json"]
     assert store_rows(tmp_path / "one") == store_rows(tmp_path / "ranks")
-    assert open_store(tmp_path / "ranks").verify() == []
+    assert verify_store(open_store(tmp_path / "ranks")) == []
 
 
 def test_explicit_partition_flags_win_over_the_launcher_environment(monkeypatch):
@@ -144,7 +145,7 @@ def test_build_config_file_is_read_and_flags_override_it(tmp_path, tiny_teacher,
     assert result.exit_code == 0, result.output
     store = open_store(tmp_path / "s")
     assert store.codec.k == 6 and store.manifest.build["seq_len"] == 20
-    assert (store.codec.sampled_draws, store.codec.sampled_scheme) == (16, "iid") and store.verify() == []
+    assert (store.codec.sampled_draws, store.codec.sampled_scheme) == (16, "iid") and verify_store(store) == []
     sequence = next(store.iter_sequences())
     offsets = sequence["sampled_offsets"]
     for t in range(len(offsets) - 1):  # tail draws never hit a top-K id
@@ -248,7 +249,7 @@ def test_full_disk_is_one_line_and_a_rerun_finishes(tmp_path, tiny_teacher, word
     assert "Traceback" not in failed.stderr
     assert not (tmp_path / "s" / "manifest.json").exists()
     assert subprocess.run(command, capture_output=True).returncode == 0
-    assert open_store(tmp_path / "s").verify() == []
+    assert verify_store(open_store(tmp_path / "s")) == []
 
 
 def test_second_build_of_the_same_partition_is_refused_by_the_lock(tmp_path, tiny_teacher, word_corpus):
@@ -294,7 +295,7 @@ def test_kill_9_at_20_random_points_then_rerun_gives_the_uninterrupted_store(tmp
         finished = json.loads((path / "manifest.json").read_text())
         finished.pop("created_at")
         assert finished == whole  # same shards, same sha256: byte-identical content
-        assert open_store(path).verify() == []
+        assert verify_store(open_store(path)) == []
 
     rng = random.Random(7)
     target = tmp_path / "killed"

@@ -16,6 +16,7 @@ from kdstore.codec import CodecConfig
 from kdstore.errors import KdstoreError, ManifestError, OutputFolderError, StoreLockedError, StoreMismatchError
 from kdstore.format import logits_schema, rows_to_table
 from kdstore.store import open_store
+from kdstore.verify import verify_store
 from kdstore.writer import ShardWriter, _copy_tree_atomic, _file_contents, row_bytes, temporary_name, write_atomic
 
 SMALL = {"shard_bytes": 4000, "row_group_bytes": 1500}
@@ -47,7 +48,7 @@ def test_rows_come_back_from_several_shards_and_row_groups(tmp_path, codec):
     assert [g["sequence_id"] for g in got] == [r["sequence_id"] for r in rows]
     assert all((g["input_ids"] == r["input_ids"]).all() for g, r in zip(got, rows))
     assert store.manifest.num_tokens == 10 * 17
-    assert store.verify() == []
+    assert verify_store(store) == []
 
 
 def test_exception_inside_with_block_commits_no_manifest_and_leaves_no_temp_file(tmp_path, codec):
@@ -66,7 +67,7 @@ def test_exception_while_extending_keeps_the_previous_manifest_unchanged(tmp_pat
     with pytest.raises(RuntimeError):
         _write(tmp_path / "s", codec, rows + synthetic_rows(codec, 6, 17, seed=9, prefix="more"), fail_after=8)
     assert (tmp_path / "s" / "manifest.json").read_text() == before
-    assert open_store(tmp_path / "s").verify() == []
+    assert verify_store(open_store(tmp_path / "s")) == []
 
 
 def test_rerun_after_failure_resumes_and_equals_uninterrupted_run(tmp_path, codec):
@@ -123,7 +124,7 @@ def test_manifest_appears_only_when_every_partition_has_finished(tmp_path, codec
     store = open_store(tmp_path / "s")
     assert sorted(s["sequence_id"] for s in store.iter_sequences(["sequence_id"])) == [r["sequence_id"] for r in rows]
     assert store.manifest.num_partitions == 3
-    assert store.verify() == []
+    assert verify_store(store) == []
 
 
 def test_partitions_must_agree_on_their_number(tmp_path, codec):
