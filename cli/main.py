@@ -135,6 +135,33 @@ def head(store: str, num_positions: int, top: int, sequence_id: str | None, stor
 
 
 @cli.command()
+@store_argument
+@click.option("--student", required=True, help="The student's tokenizer or model folder (local: nothing is downloaded).")
+@click.option("--student-vocab-size", type=click.IntRange(min=1), default=None,
+              help="The student's logit dimension. [default: its config.json vocab_size, else the tokenizer's ids]")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@storage_option
+def check(store: str, student: str, student_vocab_size: int | None, as_json: bool, storage_options: tuple[str, ...]) -> None:
+    """Compare the store's tokenizer with a student's, id by id; exit 1 when the student cannot be distilled from it.
+
+    Verdicts: identical; the same vocabulary with other special tokens; the student's vocabulary a
+    prefix or a superset of the store's (same ids), compatible when its logits reach every store id;
+    mismatched ids (counted, with examples): never compatible.
+
+    \b
+    Example:
+      kdstore check my-store --student ./my-student
+      kdstore check my-store --student ./qwen-0.5b --json | jq .kind
+    """
+    from kdstore.vocab import compare_vocab
+
+    report = compare_vocab(store, student, student_vocab_size, _options(storage_options))
+    click.echo(json.dumps(report.to_dict(), indent=1) if as_json else "\n".join(report.lines()))
+    if not report.compatible:
+        raise click.ClickException(str(report.problem))
+
+
+@cli.command()
 @click.argument("corpus", nargs=-1, type=click.Path())
 @click.option("--teacher", default=None, help="Model folder or hub id. [default: the bundled tiny teacher]")
 @click.option("--out", default=None, help="Store folder to write or resume. [default: kdstore-store]")

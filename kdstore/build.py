@@ -76,6 +76,7 @@ class BuildConfig:
     # every size measured (docs/fidelity.md: 86.5 vs 76.9 % at 16 draws), at the same bytes
     sampled_scheme: Literal["systematic", "iid"] = "systematic"
     seed: int = 0  # (recorded) seeds the sampled draws
+    license: str = ""  # (recorded) the data's licence for the dataset card (a Hub id such as "apache-2.0"); "": other
     batch_tokens: Annotated[int, Field(ge=1)] = 8192  # tokens per teacher batch, padding included
     num_partitions: Annotated[int, Field(ge=1)] = 1
     partition: Annotated[int, Field(ge=0)] = 0  # below num_partitions
@@ -93,7 +94,7 @@ class BuildConfig:
                              f"(num_partitions = {self.num_partitions})")
 
     def recorded(self) -> dict[str, Any]:
-        keys = ("seq_len", "split", "text_field", "pack", "errors", "unit_documents", "seed")
+        keys = ("seq_len", "split", "text_field", "pack", "errors", "unit_documents", "seed", "license")
         return {"corpus": [str(Path(c)) for c in self.corpus], **{k: getattr(self, k) for k in keys}}
 
     def corpus_config(self) -> CorpusConfig:

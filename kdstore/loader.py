@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -58,7 +57,6 @@ from kdstore.errors import (
     ResumeError,
     ShardCorruptError,
     ShardMissingError,
-    TokenizerMismatchError,
 )
 from kdstore.shuffle import EpochPlan, PlanConfig, distributed_rank, worker_batches
 from kdstore.store import Store, StoredRows, open_store
@@ -346,28 +344,11 @@ def _open_nonempty(store: str | os.PathLike[str] | Store, storage_options: dict[
 
 
 def check_tokenizer(store: Store, student_tokenizer: Any, allow_mismatch: bool = False) -> None:
-    """Refuse a student tokenizer (a folder, hub id or tokenizer object) whose files hash differs from the store's."""
-    from pathlib import Path
+    """Refuse a student tokenizer (a local folder or a tokenizer object) whose ids do not mean the store's tokens:
+    TokenizerMismatchError with the ``kdstore check`` verdict (kdstore.vocab), a warning when ``allow_mismatch``."""
+    from kdstore.vocab import compare_vocab, require_compatible
 
-    from transformers import AutoTokenizer
-
-    from kdstore.build import tokenizer_info  # the same hash the build recorded
-
-    tokenizer = student_tokenizer
-    if isinstance(student_tokenizer, (str, os.PathLike)):
-        tokenizer = AutoTokenizer.from_pretrained(student_tokenizer)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer.save_pretrained(scratch)
-        student = tokenizer_info(tokenizer, Path(scratch))
-    recorded = store.manifest.tokenizer
-    if recorded.get("files_sha256") == student["files_sha256"]:
-        return
-    name = str(student_tokenizer) if isinstance(student_tokenizer, (str, os.PathLike)) else student["name"]
-    message = (f"the store was made with tokenizer {recorded.get('name')!r} (files sha256 "
-               f"{str(recorded.get('files_sha256'))[:12]}), the student tokenizer {name!r} has {student['files_sha256'][:12]}")
-    if not allow_mismatch:
-        raise TokenizerMismatchError(message)
-    warnings.warn(f"{message}; going on because allow_tokenizer_mismatch=True", stacklevel=3)
+    require_compatible(compare_vocab(store, student_tokenizer), allow_mismatch, stacklevel=3)
 
 
 # -- wiring -----------------------------------------------------------------

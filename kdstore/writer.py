@@ -47,6 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from kdstore import __version__
+from kdstore.card import dataset_card, is_kdstore_card
 from kdstore.errors import (
     KdstoreError,
     ManifestError,
@@ -491,24 +492,6 @@ def finalize(root: str | os.PathLike[str]) -> Manifest | None:
                             kdstore_version=__version__, created_at=new_created_at())
         write_atomic(root / MANIFEST_NAME, manifest.to_json())
         card = root / "README.md"
-        if not card.exists() or card.read_text(errors="replace").startswith(DATASET_CARD_TITLE):  # never a user's README
+        if not card.exists() or is_kdstore_card(card.read_text(errors="replace")):  # never a user's README
             write_atomic(card, dataset_card(manifest))
         return manifest
-
-
-DATASET_CARD_TITLE = "# kdstore "  # how a README.md that kdstore wrote begins
-
-
-def dataset_card(manifest: Manifest) -> str:
-    """A short README.md for the store folder, for people who find it without kdstore."""
-    codec = manifest.codec
-    return (
-        f"{DATASET_CARD_TITLE}{manifest.table} store\n\n"
-        f"Teacher `{manifest.teacher['model']}` ({manifest.teacher['dtype']}, vocabulary {manifest.teacher['vocab_size']}), "
-        f"tokenizer `{manifest.tokenizer['name']}`.\n"
-        f"{manifest.num_sequences} sequences, {manifest.num_tokens} tokens, top-{codec['k']} log-probs per position, "
-        f"{len(manifest.shards)} Parquet shards, {manifest.total_bytes} bytes.\n\n"
-        "Read it with `kdstore.open_store(path)`, or with any Parquet reader: ids are delta-coded "
-        "within each position (cumsum every K values) and log-probs are 8-bit codes "
-        "(`manifest.json` codec.logprobs.table[code]). The format is described in kdstore's docs/format.md.\n"
-    )

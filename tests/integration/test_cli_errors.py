@@ -245,6 +245,8 @@ def _storage_option_case(command: str) -> Callable[[World], Call]:
     return setup
 
 
+READERS["check"] = ["--student", str(BUNDLED_TEACHER)]  # a sound student folder: the store is the mistake
+
 for _command in READERS:
     for _mistake in STORE_MISTAKES:
         case(f"{_command}-{_mistake}")(_reader_case(_command, _mistake))
@@ -734,6 +736,67 @@ def _(w: World) -> Call:
     call = resume_call(w)
     (w.tmp / "run" / "checkpoint" / "state.json").write_text("{ not json")
     return Call(call.args, expect=("checkpoint", "damaged"))
+
+
+# -- check ---------------------------------------------------------------------------
+@case("check-student-does-not-exist")
+def _(w: World) -> Call:
+    missing = str(w.tmp / "nosuch-student")
+    return Call(["check", w.built, "--student", missing], expect=(missing, "does not exist", "never downloads"))
+
+
+@case("check-student-is-a-hub-id")
+def _(w: World) -> Call:
+    return Call(["check", w.built, "--student", "Qwen/Qwen2.5-0.5B"], expect=("Qwen/Qwen2.5-0.5B", "does not exist"))
+
+
+@case("check-student-folder-without-tokenizer-files")
+def _(w: World) -> Call:
+    model = student_config(w.write("my-student/config.json", "").parent / "config.json", 4096).parent
+    return Call(["check", w.built, "--student", str(model)], expect=(str(model), "no tokenizer files", "save_pretrained"))
+
+
+@case("check-student-is-a-file")
+def _(w: World) -> Call:
+    return Call(["check", w.built, "--student", w.student], expect=(str(w.student), "is a file"))
+
+
+@case("check-student-tokenizer-json-damaged")
+def _(w: World) -> Call:
+    student = w.teacher()
+    (student / "tokenizer.json").write_text("{ not json")
+    return Call(["check", w.built, "--student", str(student)], expect=("cannot load the tokenizer", str(student)))
+
+
+@case("check-student-config-json-damaged")
+def _(w: World) -> Call:
+    student = w.teacher()
+    (student / "config.json").write_text("{ not json")
+    return Call(["check", w.built, "--student", str(student)], expect=(str(student / "config.json"), "JSON"))
+
+
+@case("check-store-without-a-tokenizer-folder")
+def _(w: World) -> Call:
+    return Call(["check", str(w.store()), "--student", str(Path(w.built) / "tokenizer")],
+                expect=("no tokenizer/ folder", "kdstore build"))
+
+
+@case("check-store-tokenizer-edited-after-the-build")
+def _(w: World) -> Call:
+    store = w.built_copy()
+    (store / "tokenizer" / "tokenizer_config.json").write_text("{}")
+    return Call(["check", str(store), "--student", str(BUNDLED_TEACHER)], expect=("tokenizer files", "do not match"))
+
+
+@case("check-no-student")
+def _(w: World) -> Call:
+    return Call(["check", w.built], expect=("--student",), exit_code=2)
+
+
+@case("check-student-vocab-size-0")
+def _(w: World) -> Call:
+    return Call(["check", w.built, "--student", str(BUNDLED_TEACHER), "--student-vocab-size", "0"],
+                expect=("--student-vocab-size", "0"), exit_code=2)
 
 
 # -- the test ------------------------------------------------------------------------

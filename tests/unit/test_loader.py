@@ -194,6 +194,8 @@ def _store_with_tokenizer(path, codec, tokenizer):
 
 
 def test_a_student_tokenizer_other_than_the_stores_is_refused_with_both_names(tmp_path, tiny_teacher):
+    import json
+
     from transformers import AutoTokenizer
 
     codec = CodecConfig(k=8, vocab_size=320)
@@ -201,8 +203,11 @@ def test_a_student_tokenizer_other_than_the_stores_is_refused_with_both_names(tm
     store = _store_with_tokenizer(tmp_path / "store", codec, teacher_tokenizer)
     MemoryMappedDataset(store, student_tokenizer=tiny_teacher)  # the same files: accepted
     other = tmp_path / "other-tokenizer"
-    teacher_tokenizer.add_tokens(["extra"])
     teacher_tokenizer.save_pretrained(other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["w0"], vocab["w1"] = vocab["w1"], vocab["w0"]  # two ids swapped (an extra token above would fit: kdstore.vocab)
+    (other / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(TokenizerMismatchError, match=r"tokenizer 'teacher-tok' .* student tokenizer '.*other-tokenizer'"):
         StreamingDataset(store, PlanConfig(batch_size=1), student_tokenizer=other)
     with warnings.catch_warnings(record=True) as caught:

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_manifest, synthetic_rows, write_store
+from kdstore.card import is_kdstore_card
 from kdstore.codec import CodecConfig
 from kdstore.errors import KdstoreError, ManifestError, OutputFolderError, StoreLockedError, StoreMismatchError
 from kdstore.format import logits_schema, rows_to_table
@@ -287,7 +288,7 @@ def test_a_store_being_built_or_finished_is_written_into(tmp_path, codec):
 
 def test_a_users_readme_in_the_store_folder_is_never_overwritten(tmp_path, codec):
     write_store(tmp_path / "s", codec)
-    assert (tmp_path / "s" / "README.md").read_text().startswith("# kdstore logits store")
+    assert is_kdstore_card((tmp_path / "s" / "README.md").read_text())
     (tmp_path / "s" / "README.md").write_text("# My experiment\n")
     write_store(tmp_path / "s", codec, seed=1)
     assert (tmp_path / "s" / "README.md").read_text() == "# My experiment\n"
