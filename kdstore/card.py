@@ -64,7 +64,7 @@ def dataset_card(manifest: Manifest) -> str:
     tokenizer_cell = (f"`{tokenizer['name']}` ({tokenizer['vocab_size']} tokens, files sha256 "
                       f"`{str(tokenizer.get('files_sha256'))[:16]}`, in `tokenizer/`)")
     size_cell = (f"{manifest.num_sequences:,} sequences, {manifest.num_tokens:,} tokens, {len(manifest.shards)} Parquet "
-                 f"shards, {manifest.total_bytes:,} bytes ({per_token:.1f} bytes/token)")
+                 f"shard{'' if len(manifest.shards) == 1 else 's'}, {manifest.total_bytes:,} bytes ({per_token:.1f} bytes/token)")
     tail = ('tail_logmass = codebook[np.array(row["tail_logmass_codes"])]'
             + " " * 35 + "# [T - 1]\n") if "tail_logmass_codes" in manifest.columns else ""
     return f"""{_yaml_header(manifest)}
