@@ -35,7 +35,8 @@ class _Group(click.Group):
             raise
         except click.UsageError as exc:
             where = exc.ctx.command_path if exc.ctx is not None else ctx.command_path
-            raise _OneLineUsageError(f"{exc.format_message()} (see `{where} --help`)", exc.ctx) from None
+            message = " ".join(exc.format_message().split())  # a missing Choice option lists its choices on lines
+            raise _OneLineUsageError(f"{message} (see `{where} --help`)", exc.ctx) from None
         except KeyboardInterrupt:
             click.echo("Interrupted; nothing half-written was committed.", err=True)
             sys.exit(130)
@@ -164,7 +165,7 @@ def check(store: str, student: str, student_vocab_size: int | None, as_json: boo
 @cli.command()
 @click.argument("corpus", nargs=-1, type=click.Path())
 @click.option("--teacher", default=None, help="Model folder or hub id. [default: the bundled tiny teacher]")
-@click.option("--out", default=None, help="Store folder to write or resume. [default: kdstore-store]")
+@click.option("--out", default=None, help="Store folder or URL (s3://, gs://, ...) to write or resume. [default: kdstore-store]")
 @click.option("-k", "k", type=int, default=None, help="Top-K entries per position. [default: 64]")
 @click.option("--seq-len", type=int, default=None, help="Tokens per sequence. [default: 256]")
 @click.option("--sampled-draws", type=int, default=None,
@@ -180,7 +181,9 @@ def check(store: str, student: str, student_vocab_size: int | None, as_json: boo
 @click.option("--partition", type=int, default=None, help="Which partition this process builds (0-based).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="build.toml; flags override it.")
 @click.option("--finalize", "finalize_only", is_flag=True, help="Only write the manifest of finished partitions.")
-def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool, **flags: Any) -> None:
+@storage_option
+def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool, storage_options: tuple[str, ...],
+          **flags: Any) -> None:
     """Run the teacher once over CORPUS and write (or resume) a verified store.
 
     CORPUS is text files or folders, JSONL, Parquet, or a saved HF datasets folder;
@@ -192,7 +195,8 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
       kdstore build --out demo-store
       kdstore build data/*.jsonl --teacher ./my-teacher --out store -k 64 --seq-len 1024
       kdstore build data/ --teacher ./my-teacher --out sampled-store -k 1 --sampled-draws 192
-      for i in 0 1 2 3; do kdstore build data/ --out store --num-partitions 4 --partition $i & done; wait
+      for i in 0 1 2 3; do kdstore build data/ --teacher ./my-teacher --out store --num-partitions 4 --partition $i & done; wait
+      kdstore build data/ --teacher ./my-teacher --out s3://bucket/store --storage-option endpoint_url=http://minio:9000
     """
     from kdstore.build import build as run_build
     from kdstore.build import finalize_store, resolved_config
@@ -201,8 +205,51 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
     if finalize_only:
         click.echo(finalize_store(config.out))
         return
-    for line in run_build(config).summary_lines():
+    for line in run_build(config, _options(storage_options)).summary_lines():
         click.echo(line)
+
+
+@cli.command()
+@click.argument("source")
+@click.argument("target")
+@click.option("--source-option", "source_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for a remote SOURCE (repeatable).")
+@click.option("--target-option", "target_options", multiple=True, metavar="KEY=VALUE",
+              help="fsspec option for a remote TARGET (repeatable).")
+def copy(source: str, target: str, source_options: tuple[str, ...], target_options: tuple[str, ...]) -> None:
+    """Copy a store between any two locations (folder, s3://, gs://, ...), verified on arrival, manifest last.
+
+    Every file is checked against the manifest's sha256 as it is read and again
+    where it arrived. Rerun the same command to resume an interrupted copy.
+
+    \b
+    Example:
+      kdstore copy my-store s3://bucket/stores/my-store --target-option endpoint_url=http://minio:9000
+      kdstore copy s3://bucket/stores/my-store ./local-copy
+    """
+    from kdstore.transfer import copy_store
+
+    result = copy_store(source, target, _options(source_options), _options(target_options))
+    click.echo(f"copied {result.num_files_copied} file(s), {result.num_bytes_copied:,} bytes; "
+               f"{result.num_files_present} already there; {target} is complete")
+
+
+@cli.command()
+@click.argument("stores", nargs=-1, required=True)
+@click.option("--out", required=True, help="New local folder for the merged store.")
+@storage_option
+def merge(stores: tuple[str, ...], out: str, storage_options: tuple[str, ...]) -> None:
+    """Merge stores of the same teacher, tokenizer and codec into one new store; repeated sequence ids are dropped.
+
+    \b
+    Example:
+      kdstore merge run-a/store run-b/store --out merged-store && kdstore verify merged-store
+    """
+    from kdstore.transfer import merge_stores
+
+    result = merge_stores(list(stores), out, _options(storage_options))
+    kept = ", ".join(f"{part['location']}: {part['num_sequences']:,}" for part in result.per_store)
+    click.echo(f"merged {result.num_sequences:,} sequences into {out} ({kept}; {result.num_duplicates:,} repeated ids dropped)")
 
 
 @cli.command()
@@ -231,6 +278,33 @@ def convert(store: str, target: str, cache_dir: str | None, storage_options: tup
 
 @cli.command()
 @store_argument
+@click.option("--format", "export_format", type=click.Choice(["axolotl", "hf"]), required=True,
+              help="axolotl: the columns of axolotl's KD plugin; hf: every decoded column (docs/export.md).")
+@click.option("--out", required=True, help="New or empty local folder for the export.")
+@click.option("--temperature", type=float, default=None,
+              help="axolotl: teacher temperature of target_logprobs; give axolotl's kd_temperature. [default: 1]")
+@click.option("--top-k-only", is_flag=True, help="axolotl: export a store with sampled draws by its top-K alone.")
+@storage_option
+def export(store: str, export_format: str, out: str, temperature: float | None, top_k_only: bool,
+           storage_options: tuple[str, ...]) -> None:
+    """Write STORE's teacher outputs, decoded, as Parquet for another trainer (HF datasets loads it).
+
+    \b
+    Example:
+      kdstore export my-store --format axolotl --out my-store-axolotl
+      kdstore export my-store --format hf --out my-store-hf
+      python -c "import datasets; print(datasets.load_dataset('my-store-axolotl'))"
+    """
+    from kdstore.export import export_store
+
+    result = export_store(store, out, export_format, temperature=temperature, top_k_only=top_k_only,
+                          storage_options=_options(storage_options))
+    for line in result.summary_lines():
+        click.echo(line)
+
+
+@cli.command()
+@store_argument
 @click.option("--student", default=None, help="A transformers config.json (new student) or model folder.")
 @click.option("--out", default=None, help="Run folder: checkpoint.pt, student/. [default: kdstore-run]")
 @click.option("--loss", default=None, help="forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, taid or sampled_kl.")
@@ -240,7 +314,8 @@ def convert(store: str, target: str, cache_dir: str | None, storage_options: tup
 @click.option("--lr", type=float, default=None, help="Peak AdamW learning rate. [default: 1e-3]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="train.toml; flags override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
-def train(store: str, config_file: str | None, resume: bool, **flags: Any) -> None:
+@storage_option
+def train(store: str, config_file: str | None, resume: bool, storage_options: tuple[str, ...], **flags: Any) -> None:
     """Distil a student causal LM from STORE: AdamW + cosine, validation, exact-resume checkpoints.
 
     Every setting (warmup, grad_accum, val_every, the loss's temperature, beta, ...) can be given in
@@ -252,11 +327,13 @@ def train(store: str, config_file: str | None, resume: bool, **flags: Any) -> No
       kdstore train my-store --student student.json --out run --loss forward_kl --steps 2000
       kdstore train my-store --student student.json --out run --steps 2000 --resume
       torchrun --nproc-per-node 2 -m kdstore.cli.main train my-store --config train.toml
+      kdstore train s3://bucket/store --student student.json --out run --storage-option endpoint_url=http://minio:9000
     """
     from kdstore.train import resolved_config
     from kdstore.train import train as run_train
 
-    run_train(resolved_config({**flags, "store": store}, config_file), resume=resume, log=click.echo)
+    run_train(resolved_config({**flags, "store": store}, config_file), resume=resume, log=click.echo,
+              storage_options=_options(storage_options))
 
 
 def main() -> None:

@@ -35,6 +35,8 @@ from kdstore.config_file import check_config, read_toml_config
 from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, tokenize_unit
 from kdstore.errors import BuildError, KdstoreError
 from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table, sha256_named_files
+from kdstore.mirror import RemoteMirror
+from kdstore.store import is_url
 from kdstore.teacher import (
     Teacher,
     load_teacher,
@@ -145,11 +147,17 @@ def _check_inputs(config: BuildConfig, teacher: Teacher, tokenizer: Any) -> None
                          hint="use the tokenizer that was trained with this teacher")
 
 
-def build(config: BuildConfig) -> BuildResult:
-    """Build (or resume) partition ``config.partition`` of the store at ``config.out``."""
+def build(config: BuildConfig, storage_options: dict[str, Any] | None = None) -> BuildResult:
+    """Build (or resume) partition ``config.partition`` of the store at ``config.out``: a folder, or a URL
+    (``s3://``, ``gs://``, ...: written through a local staging folder, kdstore.mirror; fsspec options such
+    as ``endpoint_url`` in ``storage_options``, kept out of the recorded config)."""
     started = time.perf_counter()
     result = BuildResult(out=config.out)
-    check_output_folder(Path(config.out))  # someone's folder is refused before minutes of loading
+    mirror = RemoteMirror(config.out, storage_options) if is_url(config.out) else None
+    if mirror is not None:
+        mirror.check_target(None)  # a prefix holding other files is refused before minutes of loading
+    else:
+        check_output_folder(Path(config.out))  # someone's folder is refused before minutes of loading
     # Read the corpus once before loading the teacher: a bad corpus fails before
     # minutes of loading, and the count gives the progress bar its total. Only
     # the count is kept; the build pass streams the units again.
@@ -161,13 +169,14 @@ def build(config: BuildConfig) -> BuildResult:
     codec = CodecConfig(k=config.k, vocab_size=teacher.vocab_size, sampled_draws=config.sampled_draws,
                         sampled_mode=config.sampled_mode, sampled_scheme=config.sampled_scheme)
     schema = logits_schema(codec, ("teacher_score",))
-    with tempfile.TemporaryDirectory() as scratch:
+    with tempfile.TemporaryDirectory() as scratch, tempfile.TemporaryDirectory(prefix="kdstore-staging-") as staging:
         tokenizer.save_pretrained(scratch)
         manifest = Manifest(table="logits", teacher=teacher.info(), tokenizer=tokenizer_info(tokenizer, Path(scratch)),
                             codec=codec.to_dict(), build=config.recorded())
-        writer = ShardWriter(config.out, manifest, schema, partition=config.partition,
+        writer = ShardWriter(staging if mirror else config.out, manifest, schema, partition=config.partition,
                              num_partitions=config.num_partitions, shard_bytes=config.shard_bytes,
-                             row_group_bytes=min(config.row_group_bytes, config.shard_bytes), tokenizer_dir=scratch)
+                             row_group_bytes=min(config.row_group_bytes, config.shard_bytes), tokenizer_dir=scratch,
+                             mirror=mirror)
         compute_started = time.perf_counter()
         try:
             with writer, _BackgroundWriter(writer, codec, schema) as background:
@@ -346,6 +355,9 @@ def finalize_store(out: str) -> str:
     """``kdstore build --finalize``: write the manifest if every partition has finished."""
     from kdstore.writer import finalize
 
+    if is_url(out):
+        raise BuildError(f"--finalize takes a local folder; a build into {out} writes its manifest when its last "
+                         "partition finishes", hint="rerun the partitions that have not finished, with the same --out")
     if not Path(out, PARTITION_DIR).is_dir():
         raise BuildError(f"{out} holds no finished partitions", hint="run the partitions first")
     manifest = finalize(out)

@@ -39,7 +39,7 @@ import secrets
 import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -70,6 +70,9 @@ from kdstore.format import (
     shard_info,
     shard_name,
 )
+
+if TYPE_CHECKING:
+    from kdstore.mirror import RemoteMirror
 
 DEFAULT_SHARD_BYTES = 256 << 20  # uncompressed; ~100 MB on disk at the default codec
 # 1 MiB of Arrow rows, ~0.29 MB compressed at the default codec: one seek-and-read per random access. The bundled
@@ -147,6 +150,7 @@ class ShardWriter:
         row_group_bytes: int = DEFAULT_ROW_GROUP_BYTES,
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
         tokenizer_dir: str | os.PathLike[str] | None = None,
+        mirror: RemoteMirror | None = None,
     ) -> None:
         if not 0 <= partition < num_partitions:
             raise KdstoreError(f"partition {partition} is outside 0..{num_partitions - 1}",
@@ -163,6 +167,7 @@ class ShardWriter:
         self.row_group_bytes = row_group_bytes
         self.zstd_level = zstd_level
         self.tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir else None
+        self.mirror = mirror  # a store at a URL: ``path`` is then a local staging folder (kdstore.mirror)
         self.shards: list[ShardInfo] = []
         self.num_committed_rows = 0
         self.finalized: Manifest | None = None  # the manifest, once every partition has finished
@@ -182,6 +187,12 @@ class ShardWriter:
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self._lock_file = _lock(self.root / LOCK_DIR / f"part-{self.partition:05d}.lock", blocking=False)
         try:
+            if self.mirror is not None:
+                self.mirror.check_target(self.manifest.identity())
+                self.shards = self.mirror.adopt(self.partition)
+                self.num_committed_rows = sum(s.num_rows for s in self.shards)
+                if self.tokenizer_dir is not None:
+                    self.mirror.upload_tokenizer(self.tokenizer_dir)
             self._check_existing_store()
             self._recover_partition()
             if self.tokenizer_dir is not None:
@@ -200,6 +211,9 @@ class ShardWriter:
             self._commit_shard()
             record = {"partition": self.partition, **self.manifest.identity(),
                       "columns": self.manifest.columns, "shards": [asdict(s) for s in self.shards]}
+            if self.mirror is not None:
+                self.finalized = self.mirror.finish(record)
+                return
             write_atomic(self.root / partition_record_name(self.partition), json.dumps(record, indent=1))
             self.finalized = finalize(self.root)
         finally:
@@ -270,6 +284,9 @@ class ShardWriter:
         _fsync_dir(final.parent)
         relative = final.relative_to(self.root).as_posix()
         self.shards.append(shard_info(final, relative, self._shard_rows, self._shard_tokens))
+        if self.mirror is not None:  # uploaded whole, then its record; staging keeps no copy
+            self.mirror.upload_shard(final, self.partition, len(self.shards) - 1, self.shards[-1])
+            final.unlink()
         self.num_committed_rows += self._shard_rows
         self._shard_rows = self._shard_tokens = self._shard_raw_bytes = 0
 
@@ -466,6 +483,23 @@ def _file_contents(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
+def union_manifest(records: list[tuple[Path, dict[str, Any]]]) -> Manifest | None:
+    """The manifest of a store whose partition records are ``records`` ((where, record) pairs); None while
+    partitions are missing. Records that disagree on anything but their partition and shards are refused."""
+    first = records[0][1]
+    if len(records) < first["num_partitions"]:
+        return None
+    shards: list[ShardInfo] = []
+    shared = [k for k in first if k not in ("partition", "shards")]
+    for source, data in records:
+        _refuse_if_different({k: data.get(k) for k in shared}, {k: first[k] for k in shared}, source,
+                             (source.name, records[0][0].name))
+        shards += [ShardInfo(**s) for s in data["shards"]]
+    fields = {k: first[k] for k in shared}
+    return Manifest(**fields, shards=sorted(shards, key=lambda s: s.path), kdstore_version=__version__,
+                    created_at=new_created_at())
+
+
 def finalize(root: str | os.PathLike[str]) -> Manifest | None:
     """Write ``manifest.json`` as the union of all partition records, if all are there.
 
@@ -477,19 +511,9 @@ def finalize(root: str | os.PathLike[str]) -> Manifest | None:
     if not records:
         return None
     with _lock(root / LOCK_DIR / "finalize.lock", blocking=True):
-        datas = [read_record(p) for p in records]
-        first = datas[0]
-        if len(datas) < first["num_partitions"]:
+        manifest = union_manifest([(p, read_record(p)) for p in records])
+        if manifest is None:
             return None
-        shards: list[ShardInfo] = []
-        shared = [k for k in first if k not in ("partition", "shards")]
-        for source, data in zip(records, datas):
-            _refuse_if_different({k: data.get(k) for k in shared}, {k: first[k] for k in shared}, source,
-                                 (source.name, records[0].name))
-            shards += [ShardInfo(**s) for s in data["shards"]]
-        fields = {k: first[k] for k in shared}
-        manifest = Manifest(**fields, shards=sorted(shards, key=lambda s: s.path),
-                            kdstore_version=__version__, created_at=new_created_at())
         write_atomic(root / MANIFEST_NAME, manifest.to_json())
         card = root / "README.md"
         if not card.exists() or is_kdstore_card(card.read_text(errors="replace")):  # never a user's README

@@ -124,3 +124,37 @@ def tiny_teacher(tmp_path_factory) -> Path:
 @pytest.fixture
 def word_corpus(tmp_path) -> Path:
     return write_word_corpus(tmp_path / "corpus")
+
+
+S3_BUCKET = "kd-bucket"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    """(an s3fs filesystem, its storage_options) on a fresh moto server on loopback; bucket S3_BUCKET exists.
+
+    No mock of the filesystem layer: s3fs (and any subprocess, which inherits the environment) talks HTTP to
+    a moto server thread on 127.0.0.1; the AWS variables point at dummies so nothing leaves the machine."""
+    pytest.importorskip("s3fs", reason="reads and writes s3:// through s3fs")
+    moto_server = pytest.importorskip("moto.moto_server.threaded_moto_server", reason="needs moto[server]")
+    import s3fs
+
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                            "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            env.setenv(name, value)
+        missing = str(tmp_path_factory.mktemp("aws") / "none")  # no ~/.aws config or credentials are read
+        env.setenv("AWS_CONFIG_FILE", missing)
+        env.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
+        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        server.start()
+        host, port = server.get_host_and_port()
+        # the region comes from AWS_DEFAULT_REGION: s3fs would send a region in client_kwargs as the bucket's
+        # LocationConstraint, which S3 refuses for us-east-1
+        options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
+        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+        if not fs.exists(S3_BUCKET):  # moto keeps its buckets per process, across servers: a module before may have made it
+            fs.mkdir(S3_BUCKET)
+        yield fs, options
+        server.stop()

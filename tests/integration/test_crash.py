@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from kdstore.verify import verify_store
 from kdstore.store import open_store
+from kdstore.verify import verify_store
 
 SCRIPT = Path(__file__).with_name("crash_writer.py")
 NUM_SEQUENCES = 40

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import write_store
+from conftest import S3_BUCKET, write_store
 from kdstore.arrow_copy import convert_to_arrow
 from kdstore.codec import CodecConfig
 from kdstore.errors import ChecksumError, ShardMissingError
@@ -17,35 +17,9 @@ from kdstore.loader import MemoryMappedDataset, StreamingDataset, make_dataloade
 from kdstore.shuffle import PlanConfig
 
 pytest.importorskip("s3fs", reason="the remote test reads through s3fs")
-moto_server = pytest.importorskip("moto.moto_server.threaded_moto_server", reason="needs moto[server]")
 
-BUCKET = "kd-bucket"
+BUCKET = S3_BUCKET
 PLAN = PlanConfig(batch_size=4, seed=7)
-
-
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    """(an s3fs filesystem, its storage_options) on a fresh moto server; a bucket exists."""
-    import s3fs
-
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                            "AWS_EC2_METADATA_DISABLED": "true"}.items():
-            env.setenv(name, value)
-        missing = str(tmp_path_factory.mktemp("aws") / "none")  # no ~/.aws config or credentials are read
-        env.setenv("AWS_CONFIG_FILE", missing)
-        env.setenv("AWS_SHARED_CREDENTIALS_FILE", missing)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        # the region comes from AWS_DEFAULT_REGION: s3fs would send a region in client_kwargs as the bucket's
-        # LocationConstraint, which S3 refuses for us-east-1
-        options = {"endpoint_url": f"http://{host}:{port}", "key": "testing", "secret": "testing"}
-        fs = s3fs.S3FileSystem(skip_instance_cache=True, **options)
-        fs.mkdir(BUCKET)
-        yield fs, options
-        server.stop()
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import write_store
+from conftest import S3_BUCKET, write_store
 from kdstore.cli.main import cli
 from kdstore.codec import CodecConfig
 from kdstore.errors import ChecksumError, StoreMismatchError
@@ -92,34 +92,17 @@ def test_merge_refuses_stores_of_another_codec_naming_the_field_and_both_values(
     assert not (tmp_path / "merged").exists()
 
 
-def test_the_cli_copies_to_s3_and_back_byte_for_byte(store, tmp_path):
-    pytest.importorskip("s3fs")
-    moto_server = pytest.importorskip("moto.moto_server.threaded_moto_server")
-    import s3fs
-
-    with pytest.MonkeyPatch.context() as env:
-        for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                            "AWS_CONFIG_FILE": str(tmp_path / "none"),
-                            "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none")}.items():
-            env.setenv(name, value)
-        server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        try:
-            host, port = server.get_host_and_port()
-            endpoint = f"http://{host}:{port}"
-            s3fs.S3FileSystem(endpoint_url=endpoint, skip_instance_cache=True).mkdir("kd-copy")
-            up = CliRunner().invoke(cli, ["copy", str(store), "s3://kd-copy/s", f"--target-option=endpoint_url={endpoint}"])
-            assert up.exit_code == 0, up.output
-            again = CliRunner().invoke(cli, ["copy", str(store), "s3://kd-copy/s", f"--target-option=endpoint_url={endpoint}"])
-            assert again.exit_code == 0 and "copied 0 file(s)" in again.output, again.output
-            remote = open_store("s3://kd-copy/s", {"endpoint_url": endpoint})
-            assert verify_store(remote) == []
-            down = CliRunner().invoke(cli, ["copy", "s3://kd-copy/s", str(tmp_path / "back"),
-                                            f"--source-option=endpoint_url={endpoint}"])
-            assert down.exit_code == 0, down.output
-        finally:
-            server.stop()
+def test_the_cli_copies_to_s3_and_back_byte_for_byte(store, tmp_path, s3):
+    _, options = s3
+    endpoint = options["endpoint_url"]
+    target = f"s3://{S3_BUCKET}/{tmp_path.name}"
+    up = CliRunner().invoke(cli, ["copy", str(store), target, f"--target-option=endpoint_url={endpoint}"])
+    assert up.exit_code == 0, up.output
+    again = CliRunner().invoke(cli, ["copy", str(store), target, f"--target-option=endpoint_url={endpoint}"])
+    assert again.exit_code == 0 and "copied 0 file(s)" in again.output, again.output
+    assert verify_store(open_store(target, {"endpoint_url": endpoint})) == []
+    down = CliRunner().invoke(cli, ["copy", target, str(tmp_path / "back"), f"--source-option=endpoint_url={endpoint}"])
+    assert down.exit_code == 0, down.output
     assert _files(tmp_path / "back") == {k: v for k, v in _files(store).items() if not k.startswith("_")}
     manifest = json.loads((tmp_path / "back" / "manifest.json").read_text())
     assert manifest["shards"] == json.loads((store / "manifest.json").read_text())["shards"]
