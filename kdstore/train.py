@@ -68,8 +68,10 @@ from kdstore.errors import NonFiniteLossError, ResumeMismatchError, StudentMisma
 from kdstore.loader import MemoryMappedDataset, Sequences, batch_stream, make_dataloader
 from kdstore.losses import LossConfig, distillation_loss
 from kdstore.shuffle import PlanConfig
+from kdstore.store import Store
 from kdstore.taid import TaidState
-from kdstore.teacher import resolve_device
+from kdstore.teacher import TOKENIZER_FILES, resolve_device
+from kdstore.vocab import compare_vocab, require_compatible
 
 RESUME_MAY_CHANGE = ("out", "device", "log_every", "cache_dir")  # fields that do not change what is computed
 
@@ -162,7 +164,7 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
         data = open_data(config, storage_options)  # 2
         loader = make_dataloader(Sequences(data.dataset, data.train_rows), PlanConfig(config.batch_size, seed=config.seed),
                                  collator=data.collate, num_workers=config.num_workers)
-        student = load_student(config.student, data.dataset.store.codec.vocab_size, config.seed).to(device)  # 3
+        student = load_student(config.student, data.dataset.store, config.seed).to(device)  # 3
         model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
         optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=(0.9, 0.95),  # 4
                                       weight_decay=config.weight_decay)
@@ -326,9 +328,13 @@ def check_student_source(source: str) -> None:
                          hint="pass a transformers config.json, a model folder, or a hub id like org/name")
 
 
-def load_student(source: str, vocab_size: int, seed: int) -> torch.nn.Module:
+def load_student(source: str, store: Store, seed: int) -> torch.nn.Module:
     """A causal LM from a config file / folder (``from_config``) or a model folder (``from_pretrained``);
-    the hub only for a ``source`` that is no local path (``check_student_source``)."""
+    the hub only for a ``source`` that is no local path (``check_student_source``).
+
+    Its output layer must cover the store's vocabulary (more logits, a padded superset, are fine: the KD loss
+    normalises over the student's own). A folder that ships tokenizer files must fit the store's tokenizer
+    (``kdstore.vocab``, the report of ``kdstore check``); a student made from a config uses the store's."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     check_student_source(source)
@@ -342,10 +348,12 @@ def load_student(source: str, vocab_size: int, seed: int) -> torch.nn.Module:
     except (OSError, ValueError) as exc:
         raise TrainError(f"cannot load student {source!r}: {str(exc).splitlines()[0]}",
                          hint="pass a transformers config.json or a model folder") from None
-    num_logits = student.get_output_embeddings().weight.shape[0]
-    if num_logits != vocab_size:
+    num_logits, vocab_size = student.get_output_embeddings().weight.shape[0], store.codec.vocab_size
+    if num_logits < vocab_size:
         raise StudentMismatchError(f"the store's vocabulary has {vocab_size} tokens but student {source} has "
                                    f"{num_logits} output logits")
+    if local.is_dir() and any((local / name).is_file() for name in TOKENIZER_FILES):
+        require_compatible(compare_vocab(store, local, student_vocab_size=num_logits))
     return student.train()
 
 

@@ -19,7 +19,7 @@ import kdstore.train as train_module
 from kdstore.build import DEFAULT_CORPUS, BuildConfig, build
 from kdstore.checkpoint import read_checkpoint
 from kdstore.cli.main import cli
-from kdstore.errors import KdstoreError
+from kdstore.errors import KdstoreError, TokenizerMismatchError
 from kdstore.train import (
     NonFiniteLossError,
     ResumeMismatchError,
@@ -122,6 +122,29 @@ def test_resume_with_other_settings_is_refused_naming_them(config):
 def test_student_vocabulary_must_match_the_store_with_both_numbers(config, tmp_path):
     with pytest.raises(StudentMismatchError, match="vocabulary has 4096 tokens but student .* has 1000 output logits"):
         train(replace(config, student=str(student_config(tmp_path, vocab_size=1000))), log=lambda _: None)
+
+
+def test_a_student_with_padded_logits_trains_on_the_store(config, tmp_path):
+    """More logits than the store's vocabulary (the 151,936 vs 152,064 case): the loss normalises over them."""
+    result = train(replace(config, student=str(student_config(tmp_path, vocab_size=4096 + 128)), steps=2),
+                   log=lambda _: None)
+    assert result.step == 2 and math.isfinite(result.history[-1]["loss"])
+
+
+def test_a_student_folder_whose_tokenizer_moves_one_id_is_refused_with_the_report(config, store, tmp_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder = tmp_path / "student"
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config.student)).save_pretrained(folder)
+    for path in (store / "tokenizer").iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    (a, ia), (b, ib) = sorted(vocab.items(), key=lambda item: item[1])[100:102]
+    vocab[a], vocab[b] = ib, ia  # two tokens swap their ids
+    (folder / "tokenizer.json").write_text(json.dumps(tokenizer))
+    with pytest.raises(TokenizerMismatchError, match="mismatched ids: 2 store tokens"):
+        train(replace(config, student=str(folder), steps=1), log=lambda _: None)
 
 
 def test_unknown_loss_lists_the_valid_ones(config):
