@@ -164,3 +164,13 @@ def test_train_reads_an_s3_store_through_a_local_arrow_copy_in_the_run_folder(s3
                   *flags)
     assert result.exit_code == 0, result.output
     assert list((tmp_path / "run" / "_cache").glob("store-*.arrow")) and (tmp_path / "run" / "student").is_dir()
+
+
+def test_an_hf_url_goes_through_huggingface_hub_and_offline_it_is_one_line(monkeypatch):
+    """hf:// as far as it can be checked offline: the URL reaches huggingface_hub's fsspec filesystem (which
+    refuses in offline mode) and the refusal is one line naming the URL; no test reaches the internet."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    result = _cli("info", "hf://datasets/someone/some-store")
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1 and "hf://datasets/someone/some-store" in lines[0]
+    assert "offline" in lines[0] and "HF_TOKEN" in lines[0]

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 
 from conftest import S3_BUCKET, write_word_corpus
 from kdstore.cli.main import cli
+from kdstore.errors import StoreNotFoundError
 from kdstore.store import open_store
 from kdstore.verify import verify_store
 
@@ -89,7 +90,7 @@ def test_a_build_killed_while_uploading_resumes_to_the_uninterrupted_store(s3, s
     process.wait()
     fs.invalidate_cache()
     assert not fs.exists(f"{url[5:]}/manifest.json")
-    with pytest.raises(Exception, match="unfinished store"):
+    with pytest.raises(StoreNotFoundError, match="unfinished store"):
         open_store(url, options)
     rerun = subprocess.run(command, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
