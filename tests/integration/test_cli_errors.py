@@ -164,8 +164,9 @@ def case(name: str):
     return register
 
 
-# -- opening a store: info, verify, head, convert --------------------------------
-READERS = {"info": [], "verify": [], "head": [], "convert": ["--to", "arrow"]}
+# -- opening a store: info, verify, head, convert, export ------------------------
+READERS = {"info": [], "verify": [], "head": [], "convert": ["--to", "arrow"],
+           "export": ["--format", "axolotl", "--out", "exported"]}  # relative: into the watched working directory
 
 
 def _unfinished(w: World) -> tuple[str, tuple[str, ...]]:
@@ -305,6 +306,11 @@ def _(w: World) -> Call:
                 expect=(str(notes),))
 
 
+@case("convert-without-to")
+def _(w: World) -> Call:  # click lists a required Choice's choices on lines of their own: still one line
+    return Call(["convert", str(w.store())], expect=("--to", "arrow"), exit_code=2)
+
+
 @case("verify-store-with-a-deleted-shard")
 def _(w: World) -> Call:
     store = w.store()
@@ -340,6 +346,110 @@ def _(w: World) -> Call:
 @case("unknown-command")
 def _(w: World) -> Call:
     return Call(["inflo", str(w.store())], expect=("inflo",), exit_code=2)
+
+
+# -- export --------------------------------------------------------------------------
+def export_call(w: World, *args: str, store: str | None = None, out: Path | None = None, **call: object) -> Call:
+    """``kdstore export STORE --out TMP/exported ARGS`` (ARGS hold --format): the out folder must not appear."""
+    return Call(["export", store or str(w.store()), "--out", str(out or w.tmp / "exported"), *args], **call)
+
+
+@case("export-out-is-a-non-empty-folder")
+def _(w: World) -> Call:
+    w.write("thesis/chapter1.tex", "\\chapter{One}\n")
+    return export_call(w, "--format", "axolotl", out=w.tmp / "thesis", expect=(str(w.tmp / "thesis"), "not empty"))
+
+
+@case("export-out-is-the-store-itself")
+def _(w: World) -> Call:
+    store = w.store()
+    return export_call(w, "--format", "hf", store=str(store), out=store, expect=(str(store), "not empty"))
+
+
+@case("export-out-is-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return export_call(w, "--format", "axolotl", out=notes, expect=(str(notes), "file"))
+
+
+@case("export-out-inside-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return export_call(w, "--format", "axolotl", out=notes / "exported", expect=(str(notes), "file"))
+
+
+@case("export-out-is-a-url")
+def _(w: World) -> Call:
+    return Call(["export", str(w.store()), "--format", "axolotl", "--out", "s3://bucket/exported"],
+                expect=("s3://bucket/exported", "local folder"))
+
+
+@case("export-no-format")
+def _(w: World) -> Call:
+    return export_call(w, expect=("--format",), exit_code=2)
+
+
+@case("export-format-bogus")
+def _(w: World) -> Call:
+    return export_call(w, "--format", "torchtune", expect=("--format", "torchtune"), exit_code=2)
+
+
+@case("export-no-out")
+def _(w: World) -> Call:
+    return Call(["export", str(w.store()), "--format", "axolotl"], expect=("--out",), exit_code=2)
+
+
+@case("export-temperature-0")
+def _(w: World) -> Call:
+    return export_call(w, "--format", "axolotl", "--temperature", "0", expect=("--temperature 0", "above 0"))
+
+
+@case("export-temperature-negative")
+def _(w: World) -> Call:
+    return export_call(w, "--format", "axolotl", "--temperature", "-2", expect=("--temperature -2", "above 0"))
+
+
+@case("export-temperature-nan")
+def _(w: World) -> Call:
+    return export_call(w, "--format", "axolotl", "--temperature", "nan", expect=("--temperature nan",))
+
+
+@case("export-temperature-not-a-number")
+def _(w: World) -> Call:
+    return export_call(w, "--format", "axolotl", "--temperature", "warm", expect=("--temperature", "warm"), exit_code=2)
+
+
+@case("export-hf-with-temperature")
+def _(w: World) -> Call:
+    return export_call(w, "--format", "hf", "--temperature", "2", expect=("--temperature", "axolotl"))
+
+
+@case("export-hf-with-top-k-only")
+def _(w: World) -> Call:
+    return export_call(w, "--format", "hf", "--top-k-only", expect=("--top-k-only", "axolotl"))
+
+
+@case("export-axolotl-of-a-store-with-sampled-draws")
+def _(w: World) -> Call:
+    codec = CodecConfig(k=1, vocab_size=300, sampled_draws=64, sampled_scheme="systematic")
+    store = write_store(w.tmp / "sampled", codec, num_sequences=2)
+    return export_call(w, "--format", "axolotl", store=str(store), expect=("64 sampled draws", "--top-k-only"))
+
+
+@case("export-store-without-sequences")
+def _(w: World) -> Call:
+    store = write_store(w.tmp / "empty-store", CodecConfig(k=4, vocab_size=50), num_sequences=0)
+    return export_call(w, "--format", "axolotl", store=str(store), expect=("no sequences",))
+
+
+@case("export-store-with-a-damaged-shard-midway")
+def _(w: World) -> Call:
+    store = w.store()
+    shard = sorted((store / "shards").glob("*.parquet"))[-1]  # the others are exported before it is read
+    data = bytearray(shard.read_bytes())
+    data[200:204] = b"\x00\x01\x02\x03"
+    shard.write_bytes(bytes(data))
+    return export_call(w, "--format", "axolotl", store=str(store), expect=(shard.name,))
 
 
 # -- build -------------------------------------------------------------------------
