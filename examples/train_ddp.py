@@ -69,7 +69,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     step, epoch, position = 0, 0, 0  # position: this rank's batches of ``epoch`` consumed
     if args.checkpoint and os.path.exists(args.checkpoint):
-        saved = torch.load(args.checkpoint, weights_only=False)
+        saved = torch.load(args.checkpoint, weights_only=True)  # tensors and plain containers only: no code runs
         model.module.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         loader.load_state_dict(saved["loaders"][rank])  # each rank resumes its own stream
