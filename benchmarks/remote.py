@@ -54,8 +54,8 @@ def main() -> None:
             print(f"{args.store}: {len(manifest.shards)} shards, {manifest.total_bytes:,} bytes; best of {args.rounds}")
             for name, action in (("info", lambda location, opts: open_store(location, opts).summary()),
                                  ("verify", lambda location, opts: verify_store(open_store(location, opts)))):
-                local = best(args.rounds, lambda: action(args.store, None))
-                remote = best(args.rounds, lambda: action(url, options))
+                local = best(args.rounds, lambda act=action: act(args.store, None))
+                remote = best(args.rounds, lambda act=action: act(url, options))
                 print(f"  {name:<7} local {local * 1e3:9.1f} ms   s3 (loopback) {remote * 1e3:9.1f} ms   "
                       f"s3 / local = {remote / local:.2f}x")
         finally:
