@@ -163,6 +163,32 @@ def check(store: str, student: str, student_vocab_size: int | None, as_json: boo
 
 
 @cli.command()
+@store_argument
+@click.option("--plot", "plot_dir", default=None, metavar="DIR", help="Also write PNG plots (640x400 px) into this folder.")
+@click.option("--html", "html_file", default=None, metavar="FILE",
+              help="Also write one self-contained HTML report to this file.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@storage_option
+def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool, storage_options: tuple[str, ...]) -> None:
+    """Measure a store one row group at a time: perplexity, entropy bounds, top-K and tail mass, rank of the next
+    token, sampled draws, bytes per column, rows and tokens per shard, scores (docs/stats.md defines each).
+
+    \b
+    Example:
+      kdstore stats my-store
+      kdstore stats my-store --plot my-store-plots --html my-store.html
+      kdstore stats s3://bucket/store --json --storage-option endpoint_url=http://127.0.0.1:9000 | jq .perplexity
+    """
+    from kdstore.stats import format_stats, measure_store
+
+    figures, written = measure_store(store, _options(storage_options), plot_dir, html_file)
+    if as_json:  # the figures alone: a script pipes them on
+        click.echo(json.dumps(figures, indent=1))
+        return
+    click.echo("\n".join([*format_stats(figures, store), *(f"wrote {path}" for path in written)]))
+
+
+@cli.command()
 @click.argument("corpus", nargs=-1, type=click.Path())
 @click.option("--teacher", default=None, help="Model folder or hub id. [default: the bundled tiny teacher]")
 @click.option("--out", default=None, help="Store folder or URL (s3://, gs://, ...) to write or resume. [default: kdstore-store]")

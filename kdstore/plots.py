@@ -1,0 +1,191 @@
+"""Pictures of a store's figures (kdstore.stats): PNG plots and one self-contained HTML report.
+
+    figures, written = kdstore.stats.measure_store("store", plot_dir="plots", html_path="report.html")
+
+Every plot is FIGURE_INCHES at DPI, so exactly FIGURE_PIXELS (640 x 400) whatever it shows; matplotlib draws it
+on its Agg canvas (no display, no pyplot state). The HTML report holds the terminal table, every plot inline as
+a base64 data URI and the figures as JSON: one file that opens offline and references nothing outside itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kdstore.writer import write_atomic
+
+FIGURE_INCHES = (6.4, 4.0)
+DPI = 100
+FIGURE_PIXELS = (640, 400)  # FIGURE_INCHES * DPI: width, height of every PNG
+TOP_COLOUR, OUTSIDE_COLOUR = "#4c72b0", "#dd8452"
+
+
+def _integer_ticks(axis: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    axis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _rank(ax: Any, f: dict[str, Any]) -> str:
+    counts, positions = f["target_rank"]["counts"], f["num_positions"]
+    share = np.array(counts + [f["target_rank"]["outside"]], dtype=float) / max(positions, 1)
+    labels = [str(r) for r in range(1, len(counts) + 1)] + ["out"]
+    ax.bar(range(len(share)), share, color=[TOP_COLOUR] * len(counts) + [OUTSIDE_COLOUR])
+    step = max(1, len(labels) // 16)  # at most ~16 tick labels; "out" always shown
+    ticks = [*range(0, len(counts), step), len(counts)]
+    ax.set_xticks(ticks, [labels[t] for t in ticks])
+    ax.set(xlabel="rank of the actual next token among the stored K (out: not stored)", ylabel="share of positions",
+           title="Rank of the next token in the teacher's top-K")
+    return "Share of positions whose actual next token has each rank among the stored K (1 = most likely), and outside."
+
+
+def _topk_mass(ax: Any, f: dict[str, Any]) -> str:
+    edges, counts = np.array(f["topk_mass"]["edges"]), f["topk_mass"]["counts"]
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=TOP_COLOUR, edgecolor="white")
+    ax.axvline(f["topk_mass"]["mean"], color="black", linestyle="--", label=f"mean {f['topk_mass']['mean']:.3f}")
+    ax.set(xlim=(0, 1), xlabel="probability mass held by the stored K", ylabel="positions",
+           title="How much of the teacher's distribution the top-K holds")
+    ax.legend(loc="upper left")
+    return "Histogram over positions of the summed probability of the K stored ids (bins of 0.05)."
+
+
+def _tail_mass(ax: Any, f: dict[str, Any]) -> str:
+    edges, counts = np.array(f["tail_mass"]["log10_edges"]), f["tail_mass"]["counts"]
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color=OUTSIDE_COLOUR, edgecolor="white")
+    ax.set(xlabel="log10 of the tail mass (first bin: everything below 1e-7.5)", ylabel="positions",
+           title="Probability mass outside the top-K")
+    return f"Histogram of the tail mass per position in half decades ({f['tail_mass']['source']})."
+
+
+def _mass_by_position(ax: Any, f: dict[str, Any]) -> str:
+    means = f["topk_mass"]["mean_by_position"]
+    ax.plot(range(len(means)), means, color=TOP_COLOUR, marker="." if len(means) <= 64 else None)
+    ax.set(ylim=(0, 1.02), xlabel="position in the sequence", ylabel="mean top-K mass",
+           title="Top-K mass by position in the sequence")
+    return "Mean probability mass held by the stored K at each position index, over all sequences."
+
+
+def _entropy(ax: Any, f: dict[str, Any]) -> str:
+    e = f["entropy"]
+    edges = np.array(e["edges"])
+    for key, label, colour in (("lower", "lower bound", TOP_COLOUR), ("upper", "upper bound", OUTSIDE_COLOUR)):
+        ax.stairs(e[f"{key}_counts"], edges, label=f"{label} (mean {e[f'mean_{key}']:.3f})", color=colour, linewidth=2)
+    ax.set(xlabel="entropy per position, nats", ylabel="positions", title="Teacher entropy: bounds from top-K + tail")
+    ax.legend(loc="upper right")
+    return ("Histograms of each position's entropy bounds: the tail mass on one token (lower) or spread evenly over "
+            "the ids outside the top-K (upper).")
+
+
+def _bytes(ax: Any, f: dict[str, Any]) -> str:
+    columns = f["bytes"]["columns"]
+    names = list(columns)[::-1]
+    ax.barh(names, [columns[n]["per_token"] or 0 for n in names], color=TOP_COLOUR)
+    in_columns = sum(columns[n]["per_token"] or 0 for n in names)
+    ax.set(xlabel="compressed bytes per token",
+           title=f"Bytes per token: {in_columns:.1f} in columns, {f['bytes']['per_token']:.1f} with footers")
+    ax.tick_params(axis="y", labelsize=8)
+    return "Compressed bytes per token of each column, from the shards' Parquet footers."
+
+
+def _shards(ax: Any, f: dict[str, Any]) -> str:
+    shards = f["shards"]
+    ax.bar(range(len(shards)), [s["num_tokens"] for s in shards], color=TOP_COLOUR)
+    _integer_ticks(ax.xaxis)
+    ax.set(xlabel="shard (manifest order)", ylabel="tokens", title=f"Tokens per shard ({len(shards)} shards)")
+    return "Tokens held by each shard, in manifest order (the terminal table lists paths, rows and bytes)."
+
+
+def _sampled(ax: Any, f: dict[str, Any]) -> str:
+    s = f["sampled"]
+    ax.bar(range(len(s["unique_ids_counts"])), s["unique_ids_counts"], color=TOP_COLOUR)
+    _integer_ticks(ax.xaxis)
+    ax.set(xlabel=f"distinct ids among the {s['draws']} draws of a position", ylabel="positions",
+           title=f"Sampled draws: distinct ids per position (mean {s['mean_unique_ids']:.2f})")
+    return "Histogram of the number of distinct ids among each position's sampled draws."
+
+
+def _scores(ax: Any, f: dict[str, Any]) -> str:
+    for (name, score), colour in zip(f["scores"].items(), (TOP_COLOUR, OUTSIDE_COLOUR)):
+        ax.stairs(score["counts"], np.array(score["edges"]), label=name, color=colour, linewidth=2)
+    ax.set(xlabel="mean log-likelihood per token (clipped to [-16, 0])", ylabel="sequences", title="Per-sequence scores")
+    ax.legend(loc="upper left")
+    return "Histograms of the per-sequence score columns."
+
+
+# name -> (draws the plot on an Axes and returns its caption, whether the figures have what it shows)
+PLOTS: dict[str, tuple[Callable[[Any, dict[str, Any]], str], Callable[[dict[str, Any]], bool]]] = {
+    "target_rank": (_rank, lambda f: True),
+    "topk_mass": (_topk_mass, lambda f: True),
+    "tail_mass": (_tail_mass, lambda f: True),
+    "mass_by_position": (_mass_by_position, lambda f: True),
+    "entropy": (_entropy, lambda f: True),
+    "bytes_per_column": (_bytes, lambda f: True),
+    "shard_tokens": (_shards, lambda f: f["num_shards"] > 1),  # one shard: the table says it all
+    "sampled_unique_ids": (_sampled, lambda f: f["sampled"] is not None),
+    "scores": (_scores, lambda f: bool(f["scores"])),
+}
+
+
+def render_figures(figures: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
+    """{plot name: (PNG bytes, caption)} of every plot the figures have data for (a store with no positions: none)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if not figures["num_positions"]:
+        return {}
+    images = {}
+    for name, (draw, applies) in PLOTS.items():
+        if not applies(figures):
+            continue
+        figure = Figure(figsize=FIGURE_INCHES, dpi=DPI)
+        FigureCanvasAgg(figure)
+        caption = draw(figure.add_subplot(), figures)
+        figure.tight_layout()  # moves the axes inside the fixed canvas; the size stays FIGURE_PIXELS
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})  # no version string: same bytes
+        images[name] = (buffer.getvalue(), caption)
+    return images
+
+
+def write_pngs(images: dict[str, tuple[bytes, str]], folder: Path) -> list[Path]:
+    """``folder/<name>.png`` for each image; the folder is made if missing (its parent must exist)."""
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name, (png, _) in images.items():
+        path = folder / f"{name}.png"
+        path.write_bytes(png)
+        written.append(path)
+    return written
+
+
+_STYLE = ("body{font-family:sans-serif;max-width:62rem;margin:2rem auto;padding:0 1rem;color:#222}"
+          "pre{background:#f6f6f6;padding:1rem;overflow-x:auto;font-size:0.85rem}"
+          "figure{margin:1.5rem 0}figcaption{font-size:0.9rem;color:#555}img{max-width:100%;height:auto}")
+
+
+def report_html(location: str, lines: list[str], figures: dict[str, Any], images: dict[str, tuple[bytes, str]]) -> str:
+    """One HTML page: the terminal table, every plot as a data URI, the figures as JSON. No external reference."""
+    title = html.escape(f"kdstore stats: {location}")
+    width, height = FIGURE_PIXELS
+    plots = "".join(
+        f'<figure id="{name}"><img alt="{html.escape(name)}" width="{width}" height="{height}" '
+        f'src="data:image/png;base64,{base64.b64encode(png).decode()}"><figcaption>{html.escape(caption)}'
+        "</figcaption></figure>\n" for name, (png, caption) in images.items())
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+            f"<style>{_STYLE}</style></head>\n<body><h1>{title}</h1>\n<h2>Figures</h2>\n"
+            f"<pre>{html.escape(chr(10).join(lines))}</pre>\n<h2>Plots</h2>\n{plots}"
+            f"<details><summary>All figures as JSON (kdstore stats --json)</summary>"
+            f"<pre>{html.escape(json.dumps(figures, indent=1))}</pre></details>\n</body></html>\n")
+
+
+def write_html(path: Path, location: str, lines: list[str], figures: dict[str, Any],
+               images: dict[str, tuple[bytes, str]]) -> Path:
+    write_atomic(path, report_html(location, lines, figures, images))
+    return path
