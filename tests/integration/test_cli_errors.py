@@ -247,6 +247,7 @@ def _storage_option_case(command: str) -> Callable[[World], Call]:
 
 
 READERS["check"] = ["--student", str(BUNDLED_TEACHER)]  # a sound student folder: the store is the mistake
+READERS["stats"] = ["--plot", "plots", "--html", "report.html"]  # relative: nothing may appear in the working directory
 
 for _command in READERS:
     for _mistake in STORE_MISTAKES:
@@ -907,6 +908,79 @@ def _(w: World) -> Call:
 def _(w: World) -> Call:
     return Call(["check", w.built, "--student", str(BUNDLED_TEACHER), "--student-vocab-size", "0"],
                 expect=("--student-vocab-size", "0"), exit_code=2)
+
+
+# -- stats ---------------------------------------------------------------------------
+def stats_call(w: World, *args: str, store: str | None = None, **call: object) -> Call:
+    """``kdstore stats STORE ARGS`` on a copy of the synthetic store."""
+    return Call(["stats", store or str(w.store()), *args], **call)
+
+
+@case("stats-plot-is-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return stats_call(w, "--plot", str(notes), expect=(str(notes), "is a file"))
+
+
+@case("stats-plot-inside-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return stats_call(w, "--plot", str(notes / "plots"), expect=(str(notes), "is a file"))
+
+
+@case("stats-plot-in-a-missing-folder")
+def _(w: World) -> Call:
+    return stats_call(w, "--plot", str(w.tmp / "nowhere" / "plots"), expect=(str(w.tmp / "nowhere"), "does not exist"))
+
+
+@case("stats-plot-is-a-url")
+def _(w: World) -> Call:
+    return stats_call(w, "--plot", "s3://bucket/plots", expect=("s3://bucket/plots", "local path"))
+
+
+@case("stats-html-into-a-missing-folder")
+def _(w: World) -> Call:
+    return stats_call(w, "--html", str(w.tmp / "nowhere" / "report.html"), expect=(str(w.tmp / "nowhere"), "does not exist"))
+
+
+@case("stats-html-is-a-folder")
+def _(w: World) -> Call:
+    (w.tmp / "reports").mkdir()
+    return stats_call(w, "--html", str(w.tmp / "reports"), expect=(str(w.tmp / "reports"), "is a folder"))
+
+
+@case("stats-html-inside-a-file")
+def _(w: World) -> Call:
+    notes = w.write("notes.txt", "my notes\n")
+    return stats_call(w, "--html", str(notes / "report.html"), expect=(str(notes), "is a file"))
+
+
+@case("stats-store-without-sequences")
+def _(w: World) -> Call:
+    store = write_store(w.tmp / "empty-store", CodecConfig(k=4, vocab_size=50), num_sequences=0)
+    return stats_call(w, "--plot", "plots", store=str(store), expect=("no sequences",))
+
+
+@case("stats-generations-store")
+def _(w: World) -> Call:  # generation stores do not exist yet in this version (docs/stats.md)
+    store = w.store()
+    edit_manifest(store, lambda m: m.update(table="generations"))
+    return stats_call(w, store=str(store), expect=("'generations' store", "only 'logits'"))
+
+
+@case("stats-store-with-a-damaged-shard-midway")
+def _(w: World) -> Call:  # the other shards are measured first; no plot or report may appear
+    store = w.store()
+    shard = sorted((store / "shards").glob("*.parquet"))[-1]
+    data = bytearray(shard.read_bytes())
+    data[200:204] = b"\x00\x01\x02\x03"
+    shard.write_bytes(bytes(data))
+    return stats_call(w, "--plot", "plots", "--html", "report.html", store=str(store), expect=(shard.name,))
+
+
+@case("stats-no-store-argument")
+def _(w: World) -> Call:
+    return Call(["stats", "--json"], expect=("STORE",), exit_code=2)
 
 
 # -- the test ------------------------------------------------------------------------
