@@ -325,6 +325,14 @@ def test_output_paths_are_refused_before_the_store_is_read(small_store, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
 
 
+def test_a_folder_that_is_not_writable_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr("kdstore.stats.os.access", lambda path, mode: Path(path) != tmp_path)  # root writes anywhere
+    with pytest.raises(StatsError, match="not writable"):
+        measure_store(tmp_path / "no-store-here", plot_dir=tmp_path / "plots")
+    with pytest.raises(StatsError, match="not writable"):
+        measure_store(tmp_path / "no-store-here", html_path=tmp_path / "report.html")
+
+
 # -- the command ----------------------------------------------------------------------------
 def test_stats_command_prints_the_table_and_the_same_json(small_store, figures):
     table = CliRunner().invoke(cli, ["stats", str(small_store)])
