@@ -86,6 +86,10 @@ class EmptyStoreError(KdstoreError):
     hint = "build the store with at least one sequence (`kdstore info STORE` shows the counts)"
 
 
+class StatsError(KdstoreError):
+    hint = "--plot takes a local folder (made if missing, in an existing folder); --html a local file in an existing folder"
+
+
 class ExportError(KdstoreError):
     hint = "docs/export.md says what each --format holds and needs"
 

@@ -160,7 +160,7 @@ def write_pngs(images: dict[str, tuple[bytes, str]], folder: Path) -> list[Path]
     written = []
     for name, (png, _) in images.items():
         path = folder / f"{name}.png"
-        path.write_bytes(png)
+        write_atomic(path, png)
         written.append(path)
     return written
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from kdstore.errors import EmptyStoreError, KdstoreError, VerifyError
+from kdstore.errors import EmptyStoreError, StatsError, VerifyError
 from kdstore.format import SCORE_COLUMNS, ShardInfo
 from kdstore.store import DECODED_COLUMNS, Store, StoredRows, is_url, open_store
 
@@ -39,10 +39,6 @@ TOPK_MASS_EDGES = np.linspace(0.0, 1.0, 21)  # 20 bins of 0.05; a quantised sum 
 TAIL_LOG10_EDGES = np.arange(-8.0, 0.25, 0.5)  # tail mass 1e-8 .. 1 in half decades; below 1e-8 counts in the first
 NUM_ENTROPY_BINS = 40  # over [0, ln V] nats, V the vocabulary size
 SCORE_EDGES = np.arange(-16.0, 0.25, 0.5)  # mean log-likelihood per token; -16 is perplexity 9e6, far past any teacher
-
-
-class StatsError(KdstoreError):
-    hint = "--plot takes a local folder (made if missing, in an existing folder); --html a local file in an existing folder"
 
 
 def entropy_bounds(topk_logprobs: np.ndarray, tail_mass: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:

@@ -99,12 +99,12 @@ def temporary_name(path: Path) -> Path:
     return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file of its own and a rename."""
+def write_atomic(path: Path, content: str | bytes) -> None:
+    """Write ``content`` (text or bytes) to ``path`` via a temporary file of its own and a rename."""
     tmp = temporary_name(path)
     try:
-        with open(tmp, "w") as handle:
-            handle.write(text)
+        with open(tmp, "wb" if isinstance(content, bytes) else "w") as handle:
+            handle.write(content)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)

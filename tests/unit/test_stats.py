@@ -29,10 +29,10 @@ from click.testing import CliRunner
 from conftest import make_manifest, synthetic_rows, teacher_outputs, write_store
 from kdstore.cli.main import cli
 from kdstore.codec import CodecConfig, decode_positions
-from kdstore.errors import EmptyStoreError, ManifestError
+from kdstore.errors import EmptyStoreError, ManifestError, StatsError
 from kdstore.format import logits_schema, rows_to_table
 from kdstore.plots import FIGURE_PIXELS
-from kdstore.stats import StatsError, measure_store, store_stats
+from kdstore.stats import measure_store, store_stats
 from kdstore.writer import ShardWriter
 
 NUM_SEQUENCES, SEQ_LEN = 12, 17
