@@ -135,24 +135,20 @@ def hf_cache_bytes(dataset) -> int:
 
 
 def hf_batches(dataset, index_batches: list[list[int]], collate: Collator) -> Iterator[Batch]:
-    """The same tensors from HF rows: the ids' deltas decoded by kdstore's codec, padded by the same Collator."""
-    from kdstore.codec import decode_positions
-
-    codec = collate.codec
+    """The same tensors from HF rows: samples in the form the kdstore datasets give, padded by the same Collator."""
+    k = collate.codec.k
 
     def to_np(x):
         return x.numpy() if hasattr(x, "numpy") else np.asarray(x)
 
     for indices in index_batches:
         rows = dataset[indices]  # shuffled access: the sampler's indices
-        samples = []
-        for i, index in enumerate(indices):
-            decoded = decode_positions(codec, {"topk_id_deltas": to_np(rows["topk_id_deltas"][i])})
-            samples.append({"index": index, "input_ids": to_np(rows["input_ids"][i]), **decoded,
-                            "topk_logprob_codes": to_np(rows["topk_logprob_codes"][i]).reshape(-1, codec.k),
-                            "tail_logmass_codes": to_np(rows["tail_logmass_codes"][i]),
-                            "target_logprob_codes": to_np(rows["target_logprob_codes"][i])})
-        yield collate(samples)
+        yield collate([{"index": index, "input_ids": to_np(rows["input_ids"][i]),
+                        "topk_id_deltas": to_np(rows["topk_id_deltas"][i]).reshape(-1, k),
+                        "topk_logprob_codes": to_np(rows["topk_logprob_codes"][i]).reshape(-1, k),
+                        "tail_logmass_codes": to_np(rows["tail_logmass_codes"][i]),
+                        "target_logprob_codes": to_np(rows["target_logprob_codes"][i])}
+                       for i, index in enumerate(indices)])
 
 
 def pyarrow_table(store: Path):

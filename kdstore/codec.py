@@ -107,9 +107,10 @@ class Codebook:
         np.clip(g, 0, self.num_codes - 1, out=g)
         return g.astype(self.dtype)
 
-    def decode(self, codes: np.ndarray) -> np.ndarray:
-        """codes -> log p as float32."""
-        return self.table[codes]
+    def decode(self, codes: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """codes -> log p as float32, into ``out`` when given (np.take: ~1.7x a fancy index, which widens the codes
+        to intp first)."""
+        return np.take(self.table, codes, out=out)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -239,9 +240,19 @@ def delta_encode(sorted_ids: np.ndarray) -> np.ndarray:
     return deltas
 
 
-def delta_decode(deltas: np.ndarray) -> np.ndarray:
-    """[P, N] first id + gaps -> ascending ids (uint32)."""
-    return np.cumsum(deltas, axis=1, dtype=np.uint32)
+def delta_decode(deltas: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """[P, N] first id + gaps (uint32) -> ascending ids (uint32), into ``out`` (C-contiguous uint32) when given.
+
+    One running sum over all P·N values, then each row minus the sum before it: numpy's 1-D accumulate is
+    ~1.5x its row-by-row one at N=64 (P=230: 8.5 vs 12.5 us). uint32 wraps, so the differences are exact.
+    """
+    out = np.empty(deltas.shape, dtype=np.uint32) if out is None else out
+    if not (out.flags.c_contiguous and out.dtype == np.uint32 and out.shape == deltas.shape):
+        raise CodecError(f"delta_decode needs a C-contiguous uint32 out of shape {deltas.shape}")
+    np.add.accumulate(np.ascontiguousarray(deltas, dtype=np.uint32).reshape(-1), out=out.reshape(-1))
+    if out.shape[0] > 1:
+        out[1:] -= out[:-1, -1:]  # numpy buffers the overlap: row p sees row p-1's running sum, not its ids
+    return out
 
 
 def encode_positions(

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from conftest import make_manifest, synthetic_rows
-from kdstore.codec import CodecConfig
-from kdstore.collate import IGNORE_INDEX, CollateError, Collator, retemper, widen
+from kdstore.codec import CodecConfig, encode_positions
+from kdstore.collate import CODE_KEYS, IGNORE_INDEX, CollateError, Collator, retemper, widen
 from kdstore.format import logits_schema, rows_to_table
 from kdstore.loader import MemoryMappedDataset
 from kdstore.store import open_store
@@ -132,3 +132,63 @@ def test_bad_collate_options_are_named_errors(codec):
         Collator(codec, sampled=True)
     with pytest.raises(CollateError, match="output must be one of"):
         Collator(codec, output="bf16")
+
+
+def hand_made_samples(codec, lengths, seed=0):
+    """Samples as the datasets give them (stored columns), including a 1-token sequence with no positions."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for index, length in enumerate(lengths):
+        ids = np.array([rng.choice(codec.vocab_size - 1, codec.k, replace=False) for _ in range(length - 1)],
+                       dtype=np.int64).reshape(-1, codec.k)
+        ids[:1, 0] = codec.vocab_size - 1  # the largest id, where a running sum in too narrow a type would wrap
+        logprobs = np.log(rng.dirichlet(np.ones(codec.k + 1), length - 1)[:, :codec.k]).reshape(-1, codec.k)
+        stored = encode_positions(codec, ids, logprobs, np.full(length - 1, -2.0), np.full(length - 1, -3.0))
+        samples.append({"index": 10 * index, "input_ids": rng.integers(0, 1000, length).astype(np.int32),
+                        "topk_id_deltas": stored["topk_id_deltas"].reshape(-1, codec.k),
+                        "topk_logprob_codes": stored["topk_logprob_codes"].reshape(-1, codec.k),
+                        "tail_logmass_codes": stored["tail_logmass_codes"],
+                        "target_logprob_codes": stored["target_logprob_codes"]})
+    return samples
+
+
+def dense_collate(samples, codec, length, pad_id):
+    """The plain oracle: one sequence at a time, ids decoded by a 64-bit running sum, codes padded with the floor."""
+    num, floor = len(samples), codec.codebook.num_codes - 1
+    out = {"sequence_index": np.array([s["index"] for s in samples]), "input_ids": np.full((num, length), pad_id),
+           "attention_mask": np.zeros((num, length)), "labels": np.full((num, length), IGNORE_INDEX),
+           "topk_ids": np.zeros((num, length, codec.k)), "topk_logprob_codes": np.full((num, length, codec.k), floor),
+           "tail_logmass_codes": np.full((num, length), floor), "target_logprob_codes": np.full((num, length), floor)}
+    for b, sample in enumerate(samples):
+        tokens, num_positions = sample["input_ids"], len(sample["input_ids"]) - 1
+        out["input_ids"][b, :len(tokens)], out["attention_mask"][b, :len(tokens)] = tokens, 1
+        out["labels"][b, :num_positions] = tokens[1:]
+        out["topk_ids"][b, :num_positions] = np.cumsum(sample["topk_id_deltas"].astype(np.int64), axis=1)
+        for name in ("topk_logprob_codes", "tail_logmass_codes", "target_logprob_codes"):
+            out[name][b, :num_positions] = sample[name]
+    return out
+
+
+@pytest.mark.parametrize("vocab_size", [300, 2**31 - 1])  # ids up to the largest an int32 holds
+def test_every_output_equals_a_dense_oracle_for_ragged_batches_with_an_empty_sequence(vocab_size):
+    codec = CodecConfig(k=8, vocab_size=vocab_size)
+    samples = hand_made_samples(codec, (9, 1, 17, 4))
+    expected = dense_collate(samples, codec, 24, pad_id=7)  # 17 rounded up to a multiple of 8
+    table = codec.codebook.table
+    compact = Collator(codec, pad_id=7, pad_to_multiple_of=8)(samples)
+    assert list(compact) == list(expected)
+    for key, value in expected.items():
+        dtype = {"sequence_index": torch.int64, "topk_logprob_codes": torch.uint16, "tail_logmass_codes": torch.uint16,
+                 "target_logprob_codes": torch.uint16}.get(key, torch.int32)
+        assert compact[key].dtype == dtype and np.array_equal(compact[key].numpy(), value), key
+    wide = Collator(codec, output="wide", pad_id=7, pad_to_multiple_of=8)(samples)
+    assert list(wide) == [CODE_KEYS.get(key, key) for key in expected]
+    for key, value in expected.items():
+        if key in CODE_KEYS:
+            assert wide[CODE_KEYS[key]].dtype == torch.float32 and np.array_equal(wide[CODE_KEYS[key]].numpy(), table[value])
+        else:
+            assert wide[key].dtype == torch.int64 and np.array_equal(wide[key].numpy(), value), key
+    half = Collator(codec, output="float16", pad_id=7, pad_to_multiple_of=8)(samples)
+    for key, value in wide.items():  # numpy's float32 -> float16 rounds as torch's .half() does
+        expected_half = value.half() if value.is_floating_point() else value if key == "sequence_index" else value.int()
+        assert torch.equal(half[key], expected_half) and half[key].dtype == expected_half.dtype, key

@@ -10,7 +10,7 @@ import torch
 
 from conftest import make_manifest, synthetic_rows, write_store
 from kdstore.arrow_copy import convert_to_arrow
-from kdstore.codec import CodecConfig
+from kdstore.codec import CodecConfig, delta_decode
 from kdstore.collate import Collator
 from kdstore.errors import (
     ChecksumError,
@@ -21,6 +21,7 @@ from kdstore.errors import (
 )
 from kdstore.format import logits_schema, rows_to_table
 from kdstore.loader import (
+    FAULT_AROUND_BYTES,
     MemoryMappedDataset,
     StreamingDataset,
     make_dataloader,
@@ -55,11 +56,22 @@ def test_memory_mapped_samples_are_the_store_readers_sequences(store):
         sample, row = dataset[index], reference[index]
         assert sample["sequence_id"] == row["sequence_id"]
         assert np.array_equal(sample["input_ids"], row["input_ids"])
-        assert np.array_equal(sample["topk_ids"], row["topk_ids"])
+        assert np.array_equal(delta_decode(sample["topk_id_deltas"]).view(np.int32), row["topk_ids"])
         table = open_store(store).codec.codebook.table
         assert np.array_equal(table[sample["topk_logprob_codes"]], row["topk_logprobs"])
     with pytest.raises(IndexError):
         dataset[30]
+
+
+def test_the_bytes_counted_towards_a_release_stay_within_each_row_groups_mapped_pages(store):
+    dataset = MemoryMappedDataset(store, release_bytes=1 << 40)  # never released: every count stays
+    for _ in range(3):  # reading a row again maps nothing new
+        for index in range(len(dataset)):
+            dataset[index]
+    pages = dict(enumerate(length for _, length in dataset._group_pages))
+    assert set(dataset._touched) == set(pages)
+    assert all(counted <= pages[group] + 2 * FAULT_AROUND_BYTES for group, counted in dataset._touched.items())
+    assert dataset._bytes_since_release == sum(dataset._touched.values())
 
 
 def test_the_arrow_copy_is_made_once_atomically_and_remade_when_the_shards_change(store, codec):
@@ -239,5 +251,5 @@ def test_the_kdstore_convert_command_writes_the_arrow_copy(store):
 def test_a_collator_decides_which_columns_the_datasets_read(store, codec):
     collate = Collator(codec)
     sample = MemoryMappedDataset(store, columns=["input_ids", "topk_ids", "topk_logprobs"])[0]
-    assert {"input_ids", "topk_ids", "topk_logprob_codes"} <= set(sample) and "tail_logmass_codes" not in sample
+    assert {"input_ids", "topk_id_deltas", "topk_logprob_codes"} <= set(sample) and "tail_logmass_codes" not in sample
     assert set(collate.columns) >= {"input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob"}
