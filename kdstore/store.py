@@ -168,7 +168,8 @@ class Store:
         self._fs = (os.getpid(), fs) if fs is not None else None
         self._checked_whole: set[str] = set()  # version 1 shards whose whole-file sha256 matched, this process
         if manifest.table != TABLE_LOGITS:
-            raise ManifestError(f"{location} is a {manifest.table!r} store; only 'logits' stores can be read in this version")
+            raise ManifestError(f"{location} is a {manifest.table!r} store; only 'logits' stores can be read in this version",
+                                hint="upgrade kdstore when it reads this table kind; the store itself is fine")
         self.codec: CodecConfig = manifest.codec_config()
         scores = tuple(c for c in manifest.columns if c in SCORE_COLUMNS)
         self.schema = logits_schema(self.codec, scores)
