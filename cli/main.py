@@ -118,20 +118,29 @@ def _plural(count: int, noun: str) -> str:
 @store_argument
 @click.option("-n", "num_positions", default=16, show_default=True, help="Positions to show.")
 @click.option("--top", default=5, show_default=True, help="Teacher alternatives per position.")
-@click.option("--sequence", "sequence_id", default=None, help="Sequence id to show (default: the first).")
+@click.option("--id", "sequence_id", default=None, help="Sequence id to show. [default: the first sequence]")
+@click.option("--where", default=None, metavar="SQL",
+              help="Show the first sequence matching an SQL condition on sequence_id, num_tokens and the scores.")
 @storage_option
-def head(store: str, num_positions: int, top: int, sequence_id: str | None, storage_options: tuple[str, ...]) -> None:
+def head(store: str, num_positions: int, top: int, sequence_id: str | None, where: str | None,
+         storage_options: tuple[str, ...]) -> None:
     """Show the first positions of a sequence with the teacher's top alternatives.
 
     Tokens are decoded with the store's tokenizer when it ships one; otherwise ids are shown.
 
+    --where takes an SQL condition over sequence_id, num_tokens and the store's score columns
+    (teacher_score, ...): comparisons, AND/OR/NOT, IN (...), BETWEEN, LIKE, IS NULL and
+    arithmetic; no functions or subqueries.
+
     \b
     Example:
       kdstore head my-store -n 8 --top 3
+      kdstore head my-store --id 3349417010e88bef75c76a24
+      kdstore head my-store --where "teacher_score < -3 AND num_tokens > 100"
     """
     from kdstore.inspect import format_head
 
-    for line in format_head(store, num_positions, top, sequence_id, _options(storage_options)):
+    for line in format_head(store, num_positions, top, sequence_id, _options(storage_options), where=where):
         click.echo(line)
 
 

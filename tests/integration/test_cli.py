@@ -91,6 +91,64 @@ def test_head_decodes_tokens_with_the_store_tokenizer(tmp_path, codec):
     assert "'w" in result.output
 
 
+def scored_store(path: Path, codec: CodecConfig) -> tuple[Path, list[dict]]:
+    """Six 17-token sequences (seq-*) and six 40-token ones (long-*), teacher_score -0.0, -1.0, ..., -11.0."""
+    from conftest import make_manifest, synthetic_rows
+    from kdstore.format import logits_schema, rows_to_table
+    from kdstore.writer import ShardWriter
+
+    schema = logits_schema(codec, ("teacher_score",))
+    rows = synthetic_rows(codec, 6, 17) + synthetic_rows(codec, 6, 40, seed=1, prefix="long")
+    rows = [{**row, "teacher_score": -float(i)} for i, row in enumerate(rows)]
+    with ShardWriter(path, make_manifest(codec), schema, row_group_bytes=1000) as writer:
+        for row in rows:
+            writer.write(rows_to_table(schema, [row]))
+    return path, rows
+
+
+def test_head_id_shows_that_sequence(store_path):
+    result = run("head", store_path, "--id", "seq-00007", "-n", "2")
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == "sequence seq-00007: 17 tokens" and len(result.output.splitlines()) == 3
+
+
+@pytest.mark.parametrize(("where", "matches"), [
+    ("teacher_score < -2.5 AND num_tokens > 20", lambda r: r["teacher_score"] < -2.5 and len(r["input_ids"]) > 20),
+    ("teacher_score > -2.5", lambda r: r["teacher_score"] > -2.5),
+    ("num_tokens = 40 AND NOT (teacher_score BETWEEN -10 AND -7)",
+     lambda r: len(r["input_ids"]) == 40 and not -10 <= r["teacher_score"] <= -7),
+    ("sequence_id IN ('long-00004', 'seq-00001') OR sequence_id LIKE 'long-0000_' AND teacher_score * 2 < -21",
+     lambda r: r["sequence_id"] in ("long-00004", "seq-00001") or r["sequence_id"] == "long-00005"),
+])
+def test_head_where_shows_the_first_match_and_counts_them_all_as_computed_by_hand(tmp_path, codec, where, matches):
+    store, rows = scored_store(tmp_path / "scored", codec)
+    expected = [r for r in rows if matches(r)]
+    result = run("head", store, "--where", where, "-n", "1")
+    assert result.exit_code == 0, result.output
+    header = result.output.splitlines()[0]
+    first = expected[0]
+    assert header.startswith(f"sequence {first['sequence_id']}: {len(first['input_ids'])} tokens, "
+                             f"teacher_score {first['teacher_score']:.3f}; the first of {len(expected)} satisfying {where}")
+    others = [r["sequence_id"] for r in expected[1:6]]
+    assert (f"(the others: {', '.join(others)}" in header) if others else "the others" not in header
+
+
+def test_head_where_never_hands_polars_a_subquery_or_a_function(tmp_path, codec, monkeypatch):
+    """polars' SQL runs a subquery that reads a file while it parses: the words are checked before it sees them."""
+    import polars
+
+    store, _ = scored_store(tmp_path / "scored", codec)
+    secret = tmp_path / "secret.csv"
+    secret.write_text("column_1\nlong-00000\n")
+    calls = []
+    monkeypatch.setattr(polars, "sql_expr", lambda text: calls.append(text))
+    for where in (f"sequence_id IN (SELECT column_1 FROM read_csv('{secret}'))", "avg(teacher_score) < 0",
+                  "pl.col('teacher_score') < -3", "teacher_score < -3; DROP TABLE x", "__import__('os')"):
+        line = _single_line_error(run("head", store, "--where", where))
+        assert "--where takes an SQL condition" in line, line
+    assert calls == []
+
+
 @pytest.mark.parametrize("command", ["info", "verify", "head"])
 def test_a_missing_store_is_one_clear_line(tmp_path, command):
     line = _single_line_error(run(command, tmp_path / "nowhere"))

@@ -290,9 +290,49 @@ def _(w: World) -> Call:
     return Call(["head", str(w.store()), "-n", "ten"], expect=("ten",), exit_code=2)
 
 
-@case("head-sequence-that-does-not-exist")
+@case("head-id-that-does-not-exist")
 def _(w: World) -> Call:
-    return Call(["head", str(w.store()), "--sequence", "seq-99999"], expect=("seq-99999",))
+    return Call(["head", str(w.store()), "--id", "seq-99999"], expect=("seq-99999",))
+
+
+@case("head-id-and-where-together")
+def _(w: World) -> Call:
+    return Call(["head", str(w.store()), "--id", "seq-00001", "--where", "num_tokens > 1"], expect=("--id", "--where"))
+
+
+def head_where(w: World, where: str, *expect: str, store: str | None = None) -> Call:
+    """``kdstore head STORE --where WHERE`` (default STORE: the bundled teacher's store, with teacher_score)."""
+    return Call(["head", store or w.built, "--where", where], expect=expect)
+
+
+HEAD_WHERE_MISTAKES = {  # name: (--where, what the Error line says)
+    "python-expression": ("pl.col('teacher_score') < -3", ("'pl'", "Python is not accepted", "SQL condition")),
+    "does-not-parse": ("teacher_score <", ("does not parse", "teacher_score <")),
+    "names-a-missing-column": ("reference_score < 1", ("'reference_score' is not a column", "teacher_score")),
+    "column-in-another-case": ("Teacher_Score < 1", ("'Teacher_Score' is not a column",)),
+    "function": ("avg(teacher_score) > 1", ("'avg'", "functions are not accepted")),
+    "subquery-reading-a-file": ("sequence_id IN (SELECT column_1 FROM read_csv('/etc/hostname'))", ("'SELECT'",)),
+    "two-statements": ("num_tokens > 1; DROP TABLE x", ("';'", "character 15")),
+    "double-quoted-name": ('"teacher_score" < 1', ("'\"'", "character 1")),
+    "not-a-condition": ("num_tokens + 1", ("cannot be evaluated", "Boolean")),
+    "compares-text-with-a-number": ("sequence_id < 3", ("cannot be evaluated", "sequence_id < 3")),
+    "empty": ("", ("--where is empty",)),
+    "only-spaces": ("   ", ("--where is empty",)),
+    "matches-nothing": ("num_tokens > 100000", ("no sequence", "satisfies", "num_tokens > 100000")),
+}
+for _name, (_where, _expect) in HEAD_WHERE_MISTAKES.items():
+    case(f"head-where-{_name}")(lambda w, where=_where, expect=_expect: head_where(w, where, *expect))
+
+
+@case("head-where-score-of-a-store-without-scores")
+def _(w: World) -> Call:
+    return head_where(w, "teacher_score < -3", "'teacher_score' is not a column", "sequence_id, num_tokens",
+                      store=str(w.store()))
+
+
+@case("head-where-without-a-value")
+def _(w: World) -> Call:
+    return Call(["head", str(w.store()), "--where"], expect=("--where",), exit_code=2)
 
 
 @case("convert-to-unknown-format")
