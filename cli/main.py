@@ -340,8 +340,10 @@ def export(store: str, export_format: str, out: str, temperature: float | None, 
 
 @cli.command()
 @store_argument
-@click.option("--student", default=None, help="A transformers config.json (new student) or model folder.")
-@click.option("--out", default=None, help="Run folder: checkpoint.pt, student/. [default: kdstore-run]")
+@click.option("--student", default=None,
+              help="A transformers config.json (new student), a model folder, or preset:quarter / preset:half "
+                   "(a smaller copy of the store's teacher).")
+@click.option("--out", default=None, help="Run folder: checkpoint/, metrics.jsonl, student/. [default: kdstore-run]")
 @click.option("--loss", default=None, help="forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl, taid or sampled_kl.")
 @click.option("--ce-weight", type=float, default=None, help="Weight of the next-token CE: (1-w) KD + w CE. [default: 0]")
 @click.option("--steps", type=int, default=None, help="Optimizer steps. [default: 1000]")
@@ -349,16 +351,20 @@ def export(store: str, export_format: str, out: str, temperature: float | None, 
 @click.option("--lr", type=float, default=None, help="Peak AdamW learning rate. [default: 1e-3]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="train.toml; flags override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no per-step lines (RUN/metrics.jsonl has every step).")
 @storage_option
-def train(store: str, config_file: str | None, resume: bool, storage_options: tuple[str, ...], **flags: Any) -> None:
+def train(store: str, config_file: str | None, resume: bool, quiet: bool, storage_options: tuple[str, ...],
+          **flags: Any) -> None:
     """Distil a student causal LM from STORE: AdamW + cosine, validation, exact-resume checkpoints.
 
     Every setting (warmup, grad_accum, val_every, the loss's temperature, beta, ...) can be given in
     --config (top-level keys, the loss's under [loss]); the resolved config is saved in the checkpoint
-    and a resumed run must match it. Runs unchanged under torchrun (one process per rank).
+    and a resumed run must match it. Runs unchanged under torchrun (one process per rank). A progress
+    bar shows on a terminal; every logged step goes to RUN/metrics.jsonl (docs/train.md).
 
     \b
     Example:
+      kdstore train my-store --student preset:quarter --out run --steps 300
       kdstore train my-store --student student.json --out run --loss forward_kl --steps 2000
       kdstore train my-store --student student.json --out run --steps 2000 --resume
       torchrun --nproc-per-node 2 -m kdstore.cli.main train my-store --config train.toml
@@ -368,7 +374,7 @@ def train(store: str, config_file: str | None, resume: bool, storage_options: tu
     from kdstore.train import train as run_train
 
     run_train(resolved_config({**flags, "store": store}, config_file), resume=resume, log=click.echo,
-              storage_options=_options(storage_options))
+              storage_options=_options(storage_options), progress=False if quiet else None, log_steps=not quiet)
 
 
 def main() -> None:

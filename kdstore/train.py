@@ -12,19 +12,21 @@ The recipe (``train`` below):
 1. Distributed set-up from torchrun's RANK / WORLD_SIZE (gloo on CPU, nccl on CUDA); device "auto".
 2. Data: the store through ``MemoryMappedDataset``. Validation sequences are those of ``val_store``
    when given, else the ``val_fraction`` of STORE whose sequence id hashes below it (stable across
-   rebuilds, K and machines); training reads the rest. Each sequence is its own shuffle group, so the
-   batches depend on the training sequences, batch size, ranks and seed only, not on how the store was
-   cut into row groups: stores of different K give the same batches.
-3. Student: ``from_config`` for a config file (or a folder without weights), ``from_pretrained`` for a
-   model folder, initialised from ``seed``; its output dimension must equal the store's vocabulary. A
-   student that looks like a local path but is not there is refused before the store is opened; only a
-   string that can be a hub id (``org/name``) goes to the hub.
+   rebuilds, K and machines); ``val_sequences = N`` takes the N with the lowest hashes instead. Training
+   reads the rest. Each sequence is its own shuffle group, so the batches depend on the training
+   sequences, batch size, ranks and seed only, not on how the store was cut into row groups: stores of
+   different K give the same batches.
+3. Student (``kdstore.student``): a config file, a model folder, a hub id or ``preset:quarter`` (a smaller
+   copy of the teacher's config), initialised from ``seed``; its output dimension must cover the store's
+   vocabulary. A student that looks like a local path but is not there is refused before the store opens.
 4. AdamW, linear warmup then cosine decay to ``min_lr_ratio`` of the peak.
 5. Steps of ``grad_accum`` micro-batches, ``kdstore.losses.distillation_loss`` (loss and CE mixing from
    ``config.loss``), gradient clipping; a NaN or inf loss or gradient stops the run (naming the step and
    the batch) before the optimizer touches the weights, so the last checkpoint stays the last good one.
-6. Every ``val_every`` steps the validation cross-entropy; every ``checkpoint_every`` steps (and at the
-   end) RUN_DIR/checkpoint/, written atomically by ``kdstore.checkpoint`` as JSON and safetensors (no
+6. Every ``log_every`` steps a line, and the same values in RUN_DIR/metrics.jsonl (``kdstore.progress``: also
+   the progress bar and TensorBoard); every ``val_every`` steps the validation cross-entropy on the stated
+   number of sequences (a warning below 32); every ``checkpoint_every`` steps (and at the end)
+   RUN_DIR/checkpoint/, written atomically by ``kdstore.checkpoint`` as JSON and safetensors (no
    pickle: reading it runs no code): model, optimizer, scheduler, every rank's loader state and RNG, TAID
    state, step, epoch and the resolved config. ``resume`` continues exactly (bit for bit on CPU) and
    refuses a config or number of ranks that differs in anything but RESUME_MAY_CHANGE.
@@ -46,7 +48,6 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from pydantic import Field
 
 from kdstore.checkpoint import (
@@ -62,18 +63,21 @@ from kdstore.checkpoint import (
     restore_checkpoint,
     save_checkpoint,
 )
-from kdstore.collate import IGNORE_INDEX, Collator, widen
+from kdstore.collate import Collator, widen
 from kdstore.config_file import check_config, read_toml_config
-from kdstore.errors import NonFiniteLossError, ResumeMismatchError, StudentMismatchError, TrainError
+from kdstore.errors import NonFiniteLossError, ResumeMismatchError, TrainError
 from kdstore.loader import MemoryMappedDataset, Sequences, batch_stream, make_dataloader
 from kdstore.losses import LossConfig, distillation_loss
+from kdstore.progress import Feedback, Meter, validation_loss
 from kdstore.shuffle import PlanConfig
-from kdstore.store import Store
+from kdstore.store import open_store
+from kdstore.student import check_student_source, describe_student, load_student
 from kdstore.taid import TaidState
-from kdstore.teacher import TOKENIZER_FILES, resolve_device
-from kdstore.vocab import compare_vocab, require_compatible
+from kdstore.teacher import resolve_device
 
-RESUME_MAY_CHANGE = ("out", "device", "log_every", "cache_dir")  # fields that do not change what is computed
+# fields that do not change what is computed
+RESUME_MAY_CHANGE = ("out", "device", "log_every", "cache_dir", "tensorboard")
+MIN_VAL_SEQUENCES = 32  # fewer and the validation loss is noisy: warned about in the first lines
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,7 @@ class TrainConfig:
     """
 
     store: str
-    student: str  # a transformers config.json, or a folder (with weights: from_pretrained), or a hub id
+    student: str  # a transformers config.json, a folder (with weights: from_pretrained), a hub id, or preset:quarter
     out: str = "kdstore-run"
     loss: LossConfig = field(default_factory=LossConfig)
     steps: Annotated[int, Field(ge=1)] = 1000  # optimizer steps
@@ -99,16 +103,18 @@ class TrainConfig:
     val_store: str = ""  # "": hold out val_fraction of STORE instead
     cache_dir: str = ""  # the Arrow copies' folder; "": STORE/_cache/arrow, or RUN_DIR/_cache for a store at a URL
     val_fraction: Annotated[float, Field(ge=0, le=1)] = 0.05  # strictly between 0 and 1 without a val_store
+    val_sequences: Annotated[int, Field(ge=0)] = 0  # N > 0: validate on the N lowest id hashes (not val_fraction)
     val_every: Annotated[int, Field(ge=0)] = 100  # steps; 0 = only at the end
     checkpoint_every: Annotated[int, Field(ge=0)] = 100  # steps; 0 = only at the end
     log_every: Annotated[int, Field(ge=0)] = 10  # steps; 0 = only at the end
     num_workers: Annotated[int, Field(ge=0)] = 0  # DataLoader workers per rank
     device: str = "auto"
+    tensorboard: bool = False  # also log to RUN_DIR/tensorboard/ (needs the tensorboard package)
 
     def __post_init__(self) -> None:
         for name, value in check_config(type(self), vars(self), TrainError).items():
             object.__setattr__(self, name, value)  # an int given for a float becomes a float
-        if not self.val_store and not 0 < self.val_fraction < 1:
+        if not self.val_store and not self.val_sequences and not 0 < self.val_fraction < 1:
             raise TrainError(f"val_fraction = {self.val_fraction}: expected a number > 0 and < 1 (or a val_store)")
 
     def flat(self) -> dict[str, Any]:
@@ -148,23 +154,24 @@ class TrainResult:
 
 # -- the recipe -------------------------------------------------------------
 def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], None] = print,
-          storage_options: dict[str, Any] | None = None) -> TrainResult:
+          storage_options: dict[str, Any] | None = None, progress: bool | None = None,
+          log_steps: bool = True) -> TrainResult:
     """Train (or, with ``resume``, continue) the run ``config`` describes; rank 0 logs through ``log``.
 
     ``storage_options``: fsspec options for stores at URLs (kept out of the config: they may hold secrets,
-    and the config is saved in the checkpoint)."""
+    and the config is saved in the checkpoint). ``progress``: rank 0's progress bar on stderr (None: when
+    stderr is a terminal). ``log_steps``: a line per logged step (metrics.jsonl has them either way)."""
     started = time.perf_counter()
     rank, world, device, owns_group = _init_distributed(config.device)  # 1
-    def say(line: str | None) -> None:
-        if rank == 0 and line is not None:
-            log(line)
+    feedback: Feedback | None = None
 
     try:
         check_paths(config)  # before the store: a mistyped path fails at once
+        # 3 before 2: a student that cannot be made fails from the manifest, before the store's Arrow copy is made
+        student = load_student(config.student, open_store(config.store, storage_options), config.seed).to(device)
         data = open_data(config, storage_options)  # 2
         loader = make_dataloader(Sequences(data.dataset, data.train_rows), PlanConfig(config.batch_size, seed=config.seed),
                                  collator=data.collate, num_workers=config.num_workers)
-        student = load_student(config.student, data.dataset.store, config.seed).to(device)  # 3
         model = torch.nn.parallel.DistributedDataParallel(student) if world > 1 else student
         optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, betas=(0.9, 0.95),  # 4
                                       weight_decay=config.weight_decay)
@@ -174,13 +181,13 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
         run = RunState()
         if resume:
             run = resume_run(config, world, rank, trainables)
-            say(f"resumed {config.out} at step {run.step}")
         elif has_checkpoint(Path(config.out)):
             raise TrainError(f"{config.out} already holds a checkpoint", hint="pass --resume, or pick a new --out")
         Path(config.out).mkdir(parents=True, exist_ok=True)
-        say(f"training {config.student} ({sum(p.numel() for p in student.parameters()):,} parameters) on "
-            f"{len(data.train_rows)} sequences of {config.store}, validating on {len(data.val_rows)}; "
-            f"{world} rank(s), {device}")
+        feedback = Feedback(config.out, config.steps, run.step, show_bar=progress, tensorboard=config.tensorboard,
+                            log=log, log_steps=log_steps, active=rank == 0)  # metrics.jsonl cut back to run.step
+        for line in start_lines(config, run, data, student, world, device):
+            feedback.say(line)
         batches, meter = batch_stream(loader, run.epoch), Meter(device)
         while run.step < config.steps:  # 5
             optimizer.zero_grad(set_to_none=True)
@@ -206,30 +213,53 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
             run.step += 1
             if taid is not None:
                 taid.update(meter.step_kd())  # once per optimizer step (TaidState's contract)
-            say(report(config, run, meter, scheduler.get_last_lr()[0], lambda: validation_loss(
-                student, data.val_dataset, data.val_rows, data.val_collate, config.batch_size, device)))  # 6
+            feedback.advance(run.step)
+            feedback.record(report(config, run, meter, scheduler.get_last_lr()[0], lambda: validation_loss(
+                student, data.val_dataset, data.val_rows, data.val_collate, config.batch_size, device)), run.epoch)  # 6
             if _due(run.step, config.checkpoint_every, config):
                 save_checkpoint(Path(config.out), {"config": config.flat(), **asdict(run)}, trainables, rank)
+        feedback.close()  # the bar ends here, before transformers' own while the student is written
         if rank == 0:  # 7
             export_student(student, data.dataset.store.tokenizer_path, Path(config.out, STUDENT_DIR))
         result = _result(config, run, meter, started)
-        say(f"done: step {result.step}, validation loss {result.val_loss:.4f} nats/token, "
-            f"{result.tokens_per_second:,.0f} tokens/s; student saved to {Path(config.out, STUDENT_DIR)}")
+        feedback.say(f"done: step {result.step}, validation loss {result.val_loss:.4f} nats/token, "
+                     f"{result.tokens_per_second:,.0f} tokens/s; student saved to {Path(config.out, STUDENT_DIR)}")
         return result
     finally:
+        if feedback is not None:
+            feedback.close()
         if owns_group:
             dist.destroy_process_group()
 
 
-def report(config: TrainConfig, run: RunState, meter: Meter, lr: float, validate: Callable[[], float]) -> str | None:
-    """Log and validate when due: appends to ``run.history`` and returns the line to print (None if not due)."""
+def report(config: TrainConfig, run: RunState, meter: Meter, lr: float,
+           validate: Callable[[], float]) -> dict[str, Any] | None:
+    """Log and validate when due: appends to ``run.history`` and returns the entry (None if not due)."""
     entry = meter.report(run.step, lr) if _due(run.step, config.log_every, config) else {}
     if _due(run.step, config.val_every, config):
         entry = {"step": run.step, **entry, "val_loss": validate()}
     if not entry:
         return None
     run.history.append(entry)
-    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in entry.items())
+    return entry
+
+
+def start_lines(config: TrainConfig, run: RunState, data: Data, student: torch.nn.Module, world: int,
+                device: torch.device) -> list[str]:
+    """What the run is about to do, the number of validation sequences stated, and a warning when it is small."""
+    num_val = len(data.val_rows)
+    if config.val_sequences:
+        source = f"val_sequences = {config.val_sequences}"
+    else:
+        source = f"all of val_store {config.val_store}" if config.val_store else f"val_fraction = {config.val_fraction}"
+    lines = [f"resumed {config.out} at step {run.step}"] if run.step else []
+    lines.append(f"training {describe_student(config.student, student)} on {len(data.train_rows)} sequences of "
+                 f"{config.store}, validating on {num_val} sequences ({source}); {world} rank(s), {device}")
+    if num_val < MIN_VAL_SEQUENCES:
+        more = "with a val_store that holds them" if config.val_store else "or a larger val_fraction"
+        lines.append(f"warning: only {num_val} validation sequences (fewer than {MIN_VAL_SEQUENCES}): the validation "
+                     f"loss is noisy; set val_sequences = {MIN_VAL_SEQUENCES} or more, {more}")
+    return lines
 
 
 def _init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
@@ -260,9 +290,23 @@ def _any_rank(flag: bool, device: torch.device) -> bool:
 
 
 # -- data -------------------------------------------------------------------
+def id_hash(sequence_id: str) -> int:
+    """A sequence's place in the validation order: sha256 of its id (first 8 bytes, little-endian), so the
+    held-out sequences are the same across rebuilds, K and machines."""
+    return int.from_bytes(hashlib.sha256(sequence_id.encode()).digest()[:8], "little")
+
+
 def held_out(sequence_id: str, fraction: float) -> bool:
-    """Whether a sequence is held out for validation: a hash of its id, so stable across rebuilds and K."""
-    return int.from_bytes(hashlib.sha256(sequence_id.encode()).digest()[:8], "little") < fraction * 2.0**64
+    """Whether a sequence is in the held-out ``fraction``."""
+    return id_hash(sequence_id) < fraction * 2.0**64
+
+
+def lowest_hashes(sequence_ids: list[str], count: int) -> np.ndarray:
+    """A boolean mask of the ``count`` ids with the lowest ``id_hash`` (``val_sequences``)."""
+    order = np.argsort(np.array([id_hash(i) for i in sequence_ids], dtype=np.uint64), kind="stable")
+    mask = np.zeros(len(sequence_ids), dtype=bool)
+    mask[order[:count]] = True
+    return mask
 
 
 @dataclass
@@ -276,7 +320,8 @@ class Data:
 
 
 def open_data(config: TrainConfig, storage_options: dict[str, Any] | None = None) -> Data:
-    """STORE and the validation sequences: all of ``val_store``, or the held-out ``val_fraction`` of STORE."""
+    """STORE and the validation sequences: all of ``val_store``, or the held-out ``val_fraction`` of STORE;
+    with ``val_sequences = N``, the N of either with the lowest id hashes."""
     def mapped(store: str) -> MemoryMappedDataset:
         cache_dir = config.cache_dir or (str(Path(config.out) / "_cache") if "://" in store else None)
         return MemoryMappedDataset(store, cache_dir=cache_dir, storage_options=storage_options)
@@ -292,69 +337,37 @@ def open_data(config: TrainConfig, storage_options: dict[str, Any] | None = None
         if val_dataset.store.codec.vocab_size != codec.vocab_size:
             raise TrainError(f"the validation store has vocabulary {val_dataset.store.codec.vocab_size}, the training "
                              f"store {codec.vocab_size}", hint="use stores made with the same tokenizer")
-        return Data(dataset, np.arange(len(dataset)), val_dataset, np.arange(len(val_dataset)),
-                    collate, Collator(val_dataset.store.codec))
-    ids = [i for table in dataset.store.iter_tables(["sequence_id"]) for i in table.column("sequence_id").to_pylist()]
-    is_val = np.array([held_out(i, config.val_fraction) for i in ids], dtype=bool)
-    if is_val.all() or not is_val.any():
+        val_rows = np.arange(len(val_dataset))
+        if config.val_sequences > len(val_dataset):
+            raise TrainError(f"val_sequences = {config.val_sequences} but val_store {config.val_store} holds "
+                             f"{len(val_dataset)} sequences", hint="lower val_sequences, or use a larger val_store")
+        if config.val_sequences:
+            val_rows = np.flatnonzero(lowest_hashes(_sequence_ids(val_dataset), config.val_sequences))
+        return Data(dataset, np.arange(len(dataset)), val_dataset, val_rows, collate, Collator(val_dataset.store.codec))
+    ids = _sequence_ids(dataset)
+    if config.val_sequences and config.val_sequences >= len(ids):
+        raise TrainError(f"val_sequences = {config.val_sequences} leaves nothing to train on: {config.store} holds "
+                         f"{len(ids)} sequences", hint="lower val_sequences, or pass a val_store")
+    is_val = lowest_hashes(ids, config.val_sequences) if config.val_sequences else \
+        np.array([held_out(i, config.val_fraction) for i in ids], dtype=bool)
+    if not config.val_sequences and (is_val.all() or not is_val.any()):
         raise TrainError(f"val_fraction {config.val_fraction} leaves {int(is_val.sum())} of {len(ids)} sequences for "
                          "validation", hint="pick a val_fraction that leaves sequences on both sides, or a val_store")
     return Data(dataset, np.flatnonzero(~is_val), dataset, np.flatnonzero(is_val), collate, collate)
 
 
-# -- student and schedule ---------------------------------------------------
+def _sequence_ids(dataset: MemoryMappedDataset) -> list[str]:
+    """The store's sequence ids in row order, read through its verified row groups."""
+    return [i for table in dataset.store.iter_tables(["sequence_id"]) for i in table.column("sequence_id").to_pylist()]
+
+
+# -- run folder and schedule ------------------------------------------------
 def check_paths(config: TrainConfig) -> None:
     """The run folder and the student, checked before the store is opened."""
     if Path(config.out).exists() and not Path(config.out).is_dir():
         raise TrainError(f"the run folder {config.out} is a file",
                          hint="pick another --out: the checkpoint and the student are written into a folder")
     check_student_source(config.student)
-
-
-def check_student_source(source: str) -> None:
-    """Refuse at once a student that looks like a local path and is not there, or that cannot be a hub id:
-    transformers would take it for a hub id and retry the network for ~26 s before failing."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if Path(source).expanduser().exists():
-        return
-    try:
-        validate_repo_id(source)  # "org/name" or "name": letters, digits, - _ . ; at most one "/"
-        hub_id = True
-    except HFValidationError:
-        hub_id = False
-    if not hub_id or source.endswith(".json") or source.startswith(("./", "../", "~")):
-        raise TrainError(f"student {source} does not exist",
-                         hint="pass a transformers config.json, a model folder, or a hub id like org/name")
-
-
-def load_student(source: str, store: Store, seed: int) -> torch.nn.Module:
-    """A causal LM from a config file / folder (``from_config``) or a model folder (``from_pretrained``);
-    the hub only for a ``source`` that is no local path (``check_student_source``).
-
-    Its output layer must cover the store's vocabulary (more logits, a padded superset, are fine: the KD loss
-    normalises over the student's own). A folder that ships tokenizer files must fit the store's tokenizer
-    (``kdstore.vocab``, the report of ``kdstore check``); a student made from a config uses the store's."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    check_student_source(source)
-    local = Path(source).expanduser()
-    torch.manual_seed(seed)  # the same initial weights on every rank and in every run with this seed
-    try:
-        if local.is_dir() and (any(local.glob("*.safetensors")) or any(local.glob("*.bin"))):
-            student = AutoModelForCausalLM.from_pretrained(local, dtype=torch.float32)
-        else:
-            student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local if local.exists() else source))
-    except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot load student {source!r}: {str(exc).splitlines()[0]}",
-                         hint="pass a transformers config.json or a model folder") from None
-    num_logits, vocab_size = student.get_output_embeddings().weight.shape[0], store.codec.vocab_size
-    if num_logits < vocab_size:
-        raise StudentMismatchError(f"the store's vocabulary has {vocab_size} tokens but student {source} has "
-                                   f"{num_logits} output logits")
-    if local.is_dir() and any((local / name).is_file() for name in TOKENIZER_FILES):
-        require_compatible(compare_vocab(store, local, student_vocab_size=num_logits))
-    return student.train()
 
 
 def lr_multiplier(step: int, config: TrainConfig) -> float:
@@ -365,74 +378,7 @@ def lr_multiplier(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-@torch.no_grad()
-def validation_loss(model: torch.nn.Module, dataset: MemoryMappedDataset, rows: np.ndarray, collate: Collator,
-                    batch_size: int, device: torch.device) -> float:
-    """Mean next-token cross-entropy (nats/token) over ``rows``, split across ranks.
-
-    ``model`` is the bare module, not its DDP wrapper: DDP's forward broadcasts buffers, a collective that
-    ranks with unequal shares of ``rows`` would wait on forever.
-    """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # [sum of NLL, tokens]
-    model.eval()
-    mine = rows[rank::world]
-    for start in range(0, len(mine), batch_size):
-        batch = collate([dataset[int(r)] for r in mine[start:start + batch_size]])
-        ids, mask, labels = (batch[k].to(device, torch.int64) for k in ("input_ids", "attention_mask", "labels"))
-        logits = model(input_ids=ids, attention_mask=mask).logits
-        totals[0] += F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
-        totals[1] += (labels != IGNORE_INDEX).sum()
-    model.train()
-    if dist.is_initialized():
-        dist.all_reduce(totals)
-    return float(totals[0] / totals[1].clamp(min=1))
-
-
 # -- bookkeeping ------------------------------------------------------------
-class Meter:
-    """Metrics and tokens since the last report, and where this step's micro-batches came from."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.interval: list[dict[str, float]] = []  # every micro-batch's metrics since the last report
-        self.step: list[tuple[dict[str, float], tuple[int, int, list[int]]]] = []  # (metrics, (epoch, batch, rows))
-        self.tokens = self.total_tokens = 0
-        self.started = self.since = time.perf_counter()
-
-    def add(self, loss: torch.Tensor, metrics: dict[str, float], batch: dict[str, torch.Tensor], epoch: int,
-            index: int) -> None:
-        record = {"loss": float(loss), **metrics}
-        self.interval.append(record)
-        self.step.append((record, (epoch, index, batch["sequence_index"].tolist())))
-        tokens = int(batch["attention_mask"].sum())
-        self.tokens, self.total_tokens = self.tokens + tokens, self.total_tokens + tokens
-
-    def finite(self) -> bool:
-        return all(math.isfinite(record["loss"]) for record, _ in self.step)
-
-    def step_kd(self) -> float:
-        return float(np.mean([record["kd"] for record, _ in self.step]))
-
-    def describe(self, rank: int, dataset: MemoryMappedDataset) -> str:
-        """The micro-batches of this step with a non-finite loss (else all of them): epoch, batch, rows and ids."""
-        bad = [where for record, where in self.step if not math.isfinite(record["loss"])] or [w for _, w in self.step]
-        return "; ".join(f"rank {rank} epoch {epoch} batch {index}: store rows {rows} "
-                         f"(sequence ids {', '.join(str(dataset[r].get('sequence_id', r)) for r in rows)})"
-                         for epoch, index, rows in bad)
-
-    def report(self, step: int, lr: float) -> dict[str, Any]:
-        """Step, mean metrics and tokens/s (every rank's tokens) since the last report; starts a new interval."""
-        tokens = torch.tensor([float(self.tokens)], dtype=torch.float64, device=self.device)
-        if dist.is_initialized():
-            dist.all_reduce(tokens)
-        now = time.perf_counter()
-        means = {k: float(np.mean([r[k] for r in self.interval])) for k in self.interval[0]}
-        entry = {"step": step, **means, "lr": lr, "tokens_per_s": float(tokens[0]) / max(now - self.since, 1e-9)}
-        self.interval, self.tokens, self.since = [], 0, now
-        return entry
-
-
 def resume_run(config: TrainConfig, world: int, rank: int, trainables: Trainables) -> RunState:
     """Restore RUN_DIR/checkpoint/ into ``trainables``; refuse one written with other settings or ranks,
     naming each differing field with both values."""

@@ -889,6 +889,60 @@ def _(w: World) -> Call:
     return Call(call.args, expect=("checkpoint", "damaged"))
 
 
+@case("train-student-unknown-preset")
+def _(w: World) -> Call:
+    return train_call(w, student="preset:tiny", expect=("preset:tiny", "preset:quarter, preset:half"))
+
+
+@case("train-student-preset-without-a-name")
+def _(w: World) -> Call:
+    return train_call(w, student="preset:", expect=("'preset:'", "preset:quarter"))
+
+
+@case("train-student-preset-whose-teacher-is-gone")
+def _(w: World) -> Call:  # built by a teacher that is not the bundled one (another config), then deleted
+    from kdstore.build import BuildConfig, build
+
+    teacher = w.teacher()
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    store = w.tmp / "store-of-a-gone-teacher"
+    build(BuildConfig(corpus=(w.corpus,), teacher=str(teacher), out=str(store), k=4, seq_len=16, progress=False,
+                      device="cpu"))
+    shutil.rmtree(teacher)
+    return train_call(w, store=str(store), student="preset:quarter", expect=(str(teacher), "cannot be read here",
+                                                                              "config.json"))
+
+
+@case("train-config-val-sequences-negative")
+def _(w: World) -> Call:
+    toml = w.write("train.toml", "val_sequences = -1\n")
+    return train_call(w, "--config", str(toml), expect=("val_sequences = -1", ">= 0"))
+
+
+@case("train-config-val-sequences-is-the-whole-store")
+def _(w: World) -> Call:
+    toml = w.write("train.toml", "val_sequences = 100000\n")
+    return train_call(w, "--config", str(toml), expect=("val_sequences = 100000", "leaves nothing to train on"))
+
+
+@case("train-config-val-sequences-above-the-val-store")
+def _(w: World) -> Call:
+    toml = w.write("train.toml", f'val_store = "{w.built}"\nval_sequences = 100000\n')
+    return train_call(w, "--config", str(toml), expect=("val_sequences = 100000", "val_store", "holds"))
+
+
+@case("train-config-tensorboard-is-a-string")
+def _(w: World) -> Call:
+    toml = w.write("train.toml", 'tensorboard = "yes"\n')
+    return train_call(w, "--config", str(toml), expect=('tensorboard = "yes"', "true or false"))
+
+
+@case("train-quiet-with-a-value")
+def _(w: World) -> Call:
+    return train_call(w, "--quiet", "yes", expect=("yes",), exit_code=2)
+
+
 # -- check ---------------------------------------------------------------------------
 @case("check-student-does-not-exist")
 def _(w: World) -> Call:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
+import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -16,19 +19,18 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import kdstore.train as train_module
-from kdstore.build import DEFAULT_CORPUS, BuildConfig, build
+from kdstore.build import DEFAULT_CORPUS, DEFAULT_TEACHER, BuildConfig, build
 from kdstore.checkpoint import read_checkpoint
 from kdstore.cli.main import cli
-from kdstore.errors import KdstoreError, TokenizerMismatchError
-from kdstore.train import (
+from kdstore.errors import (
+    KdstoreError,
     NonFiniteLossError,
     ResumeMismatchError,
     StudentMismatchError,
-    TrainConfig,
-    open_data,
-    resolved_config,
-    train,
+    TokenizerMismatchError,
 )
+from kdstore.student import check_student_source
+from kdstore.train import TrainConfig, open_data, resolved_config, train
 
 
 def student_config(folder: Path, vocab_size: int = 4096) -> Path:
@@ -325,9 +327,202 @@ def test_a_missing_local_student_fails_at_once_without_the_hub_or_the_store(conf
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", never)
     result = CliRunner().invoke(cli, ["train", config.store, "--student", source, "--out", config.out])
     assert result.exit_code == 1 and result.output == (
-        f"Error: student {source} does not exist (pass a transformers config.json, a model folder, or a hub id like org/name)\n")
+        f"Error: student {source} does not exist (pass a transformers config.json, a model folder, a hub id like org/name, "
+        "or preset:quarter)\n")
 
 
 def test_a_string_that_can_be_a_hub_id_is_left_to_the_hub():
-    train_module.check_student_source("some-org/some-student")  # no error: the hub decides
-    train_module.check_student_source("gpt2")
+    check_student_source("some-org/some-student")  # no error: the hub decides
+    check_student_source("gpt2")
+
+
+# -- training feedback: metrics.jsonl, the progress bar, TensorBoard, the validation count --------
+def test_metrics_jsonl_holds_every_logged_step_and_a_resumed_run_continues_it_without_repeating(config, monkeypatch):
+    from kdstore.progress import read_metrics
+
+    config = replace(config, steps=8, checkpoint_every=3, log_every=1, val_every=4)
+    straight = read_metrics(train(replace(config, out=config.out + "-straight"), log=lambda _: None).out)
+    with monkeypatch.context() as patch:
+        crash_on_call(patch, 6)  # steps 1-5 logged, the checkpoint at step 3: steps 4 and 5 are computed again
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            train(config, log=lambda _: None)
+    assert [row["step"] for row in read_metrics(config.out)] == [1, 2, 3, 4, 5]
+    train(config, resume=True, log=lambda _: None)
+    resumed = read_metrics(config.out)
+    assert [row["step"] for row in resumed] == list(range(1, 9))
+    assert [(r["loss"], r["kd"], r["ce"], r["lr"], r.get("val_loss"), r["epoch"]) for r in resumed] == \
+        [(r["loss"], r["kd"], r["ce"], r["lr"], r.get("val_loss"), r["epoch"]) for r in straight]
+    assert [r["step"] for r in resumed if "val_loss" in r] == [4, 8]
+    assert all(r["tokens_per_s"] > 0 and r["time"] > 1.6e9 for r in resumed)
+
+
+def test_read_metrics_refuses_a_missing_run_or_file_in_one_line_and_skips_a_half_written_last_line(tmp_path):
+    from kdstore.errors import TrainError
+    from kdstore.progress import read_metrics
+
+    with pytest.raises(TrainError, match="run folder .*nowhere does not exist"):
+        read_metrics(tmp_path / "nowhere")
+    with pytest.raises(TrainError, match="holds no metrics.jsonl"):
+        read_metrics(tmp_path)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\nnot json\n{"step": 3}\n')
+    with pytest.raises(TrainError, match="line 2 is not a JSON object"):
+        read_metrics(tmp_path)
+
+
+def test_the_progress_bar_shows_steps_of_the_total_eta_loss_parts_lr_and_throughput(config, capsys):
+    from kdstore.progress import read_metrics
+
+    train(replace(config, steps=4, log_every=2), log=print, progress=True)
+    shown = capsys.readouterr()
+    final = [line for line in shown.err.replace("\r", "\n").splitlines() if line.startswith("train:")][-1]
+    assert re.search(r"100%.* 4/4 \[\d\d:\d\d<00:00, +[\d.]+(step/s|s/step)", final), final  # total, elapsed<ETA, rate
+    for label in ("loss ", "kd ", "ce ", "lr ", "tok/s ", "val "):
+        assert label in final, final
+    assert "step 2  loss" in shown.out and "step 4  loss" in shown.out  # the log lines stay
+    train(replace(config, steps=2, out=config.out + "-quiet"), log=print, progress=False, log_steps=False)
+    quiet = capsys.readouterr()
+    assert "train:" not in quiet.err and "step 1  loss" not in quiet.out and "done: step 2" in quiet.out
+    assert [row["step"] for row in read_metrics(config.out + "-quiet")] == [1, 2]
+
+
+def test_cli_quiet_prints_no_step_lines_and_a_pipe_gets_no_bar(config):
+    args = ["train", config.store, "--student", config.student, "--steps", "2", "--batch-size", "4"]
+    plain = CliRunner().invoke(cli, [*args, "--out", config.out])
+    assert plain.exit_code == 0 and "step 2  loss" in plain.output and "train:" not in plain.output, plain.output
+    quiet = CliRunner().invoke(cli, [*args, "--out", config.out + "-quiet", "--quiet"])
+    assert quiet.exit_code == 0 and "step 2  loss" not in quiet.output and "done: step 2" in quiet.output
+
+
+class FakeSummaryWriter:
+    """Stands in for torch.utils.tensorboard.SummaryWriter (the tensorboard package is not a dependency)."""
+
+    made: list[FakeSummaryWriter] = []
+
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
+        self.log_dir, self.purge_step, self.scalars, self.closed = log_dir, purge_step, [], False
+        FakeSummaryWriter.made.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_tensorboard_gets_the_logged_values_and_a_missing_package_is_one_line(config, monkeypatch):
+    import types
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeSummaryWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    lines: list[str] = []
+    train(replace(config, steps=4, log_every=2, val_every=4, tensorboard=True), log=lines.append)
+    writer = FakeSummaryWriter.made[-1]
+    assert writer.log_dir == str(Path(config.out, "tensorboard")) and writer.purge_step is None and writer.closed
+    assert [(tag, step) for tag, _, step in writer.scalars if tag in ("train/loss", "val/loss")] == \
+        [("train/loss", 2), ("train/loss", 4), ("val/loss", 4)]
+    assert {tag for tag, _, _ in writer.scalars} >= {"train/kd", "train/ce", "train/lr", "train/tokens_per_s"}
+    assert any(line.startswith("TensorBoard: tensorboard --logdir") for line in lines)
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as without the package
+    lines.clear()
+    result = train(replace(config, steps=2, tensorboard=True, out=config.out + "-2"), log=lines.append)
+    missing = [line for line in lines if "package" in line]
+    assert result.step == 2 and len(missing) == 1 and "not installed" in missing[0] and "pip install tensorboard" in missing[0]
+
+
+def test_validation_states_its_number_of_sequences_and_warns_below_32(config):
+    lines: list[str] = []
+    small = open_data(config)
+    train(replace(config, steps=1), log=lines.append)
+    assert f"validating on {len(small.val_rows)} sequences (val_fraction = 0.2)" in lines[0]
+    assert len(small.val_rows) < 32 and lines[1].startswith(f"warning: only {len(small.val_rows)} validation sequences")
+
+    chosen = replace(config, val_sequences=40, out=config.out + "-40")
+    data = open_data(chosen)
+    ids = [data.dataset[int(r)]["sequence_id"] for r in range(len(data.dataset))]
+    lowest = sorted(ids, key=train_module.id_hash)[:40]
+    assert sorted(ids[int(r)] for r in data.val_rows) == sorted(lowest) and len(data.train_rows) == len(ids) - 40
+    lines.clear()
+    train(replace(chosen, steps=1), log=lines.append)
+    assert "validating on 40 sequences (val_sequences = 40)" in lines[0] and not any("warning" in x for x in lines)
+    with pytest.raises(KdstoreError, match=f"val_sequences = {len(ids)} leaves nothing to train on"):
+        open_data(replace(config, val_sequences=len(ids)))
+
+
+# -- students from presets; the README's train line ---------------------------------------------
+def test_preset_quarter_is_a_quarter_wide_half_deep_copy_of_the_bundled_teacher(config):
+    lines: list[str] = []
+    result = train(replace(config, student="preset:quarter", steps=2), log=lines.append)
+    saved = json.loads(Path(result.out, "student", "config.json").read_text())
+    teacher = json.loads(Path(DEFAULT_TEACHER, "config.json").read_text())
+    assert (saved["hidden_size"], saved["num_hidden_layers"], saved["intermediate_size"]) == \
+        (teacher["hidden_size"] // 4, teacher["num_hidden_layers"] // 2, teacher["intermediate_size"] // 4)
+    assert saved["vocab_size"] == teacher["vocab_size"] and saved["model_type"] == teacher["model_type"]
+    assert "training preset:quarter (llama: hidden size 32, 2 layers, 1 attention head;" in lines[0]
+
+
+def test_a_preset_finds_the_teacher_where_the_store_recorded_it_else_the_bundled_one_else_says_so(tmp_path):
+    from kdstore.store import open_store
+    from kdstore.student import load_student
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    text = Path(DEFAULT_CORPUS, "fables.txt").read_text()[:3000]
+    (corpus / "fables.txt").write_text(text[:text.rindex("\n\n")])
+    stores = {}
+    for name, edit in (("same", False), ("edited", True)):
+        teacher = shutil.copytree(DEFAULT_TEACHER, tmp_path / f"teacher-{name}")
+        if edit:  # another teacher: its content hash is no longer the bundled one's
+            config_json = json.loads((teacher / "config.json").read_text())
+            (teacher / "config.json").write_text(json.dumps({**config_json, "hidden_act": "gelu"}))
+        stores[name] = tmp_path / f"store-{name}"
+        build(BuildConfig(corpus=(str(corpus),), teacher=str(teacher), out=str(stores[name]), k=4, seq_len=32,
+                          progress=False, device="cpu"))
+        assert load_student("preset:half", open_store(stores[name]), 0).config.hidden_size == 64
+        shutil.rmtree(teacher)
+    assert load_student("preset:half", open_store(stores["same"]), 0).config.hidden_size == 64  # the bundled teacher
+    with pytest.raises(KdstoreError, match=r"the teacher .*teacher-edited that built .* cannot be read here"):
+        load_student("preset:half", open_store(stores["edited"]), 0)
+
+
+def test_an_unknown_preset_is_refused_before_the_store_opens(config, monkeypatch):
+    monkeypatch.setattr(train_module, "open_data", lambda *a, **k: pytest.fail("opened the store"))
+    with pytest.raises(KdstoreError) as error:
+        train(replace(config, student="preset:tiny"), log=lambda _: None)
+    assert error.value.one_line().startswith("unknown student preset 'preset:tiny' (presets: preset:quarter, preset:half")
+
+
+README = Path(__file__).parents[2] / "README.md"
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `kdstore ...` command of README.md's bash blocks, split like a shell (``.venv/bin/`` dropped)."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), re.S):
+        for line in block.splitlines():
+            for part in re.split(r"&&|;", line):
+                words = shlex.split(part, comments=True)
+                if words and words[0].endswith("kdstore"):
+                    commands.append(words[1:])
+    return commands
+
+
+def test_the_readme_train_line_runs_as_written_on_the_store_its_first_command_builds(store, tmp_path, monkeypatch):
+    """The README builds `demo-store` with the bundled teacher, then trains on it: the same line, 2 steps, here on a
+    smaller store of the bundled teacher under that name."""
+    commands = readme_commands()
+    build_out = commands[0][commands[0].index("--out") + 1]
+    assert commands[0][0] == "build" and "--teacher" not in commands[0]  # the bundled teacher
+    trains = [c for c in commands if c[0] == "train" and c[1] == build_out]
+    assert trains, f"no README line trains on {build_out}"
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(store, tmp_path / build_out)
+    for args in trains:
+        args = [*args[:args.index("--steps")], *args[args.index("--steps") + 2:]] if "--steps" in args else args
+        result = CliRunner().invoke(cli, [*args, "--steps", "2", "--batch-size", "4"])
+        assert result.exit_code == 0, f"{args}: {result.output}"
+        out = args[args.index("--out") + 1]
+        assert "done: step 2" in result.output and Path(out, "student", "config.json").is_file()
