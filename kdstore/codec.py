@@ -241,17 +241,21 @@ def delta_encode(sorted_ids: np.ndarray) -> np.ndarray:
 
 
 def delta_decode(deltas: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """[P, N] first id + gaps (uint32) -> ascending ids (uint32), into ``out`` (C-contiguous uint32) when given.
+    """[P, N] first id + gaps (uint32) -> ascending ids: uint32, or into ``out`` (C-contiguous, uint32 or int64).
 
     One running sum over all P·N values, then each row minus the sum before it: numpy's 1-D accumulate is
-    ~1.5x its row-by-row one at N=64 (P=230: 8.5 vs 12.5 us). uint32 wraps, so the differences are exact.
+    ~1.5x its row-by-row one at N=64 (P=230: 8.5 vs 12.5 us). The sums are uint32 and may wrap, so the
+    differences are taken in uint32 too and are exact; into int64 they are widened as they are written.
     """
     out = np.empty(deltas.shape, dtype=np.uint32) if out is None else out
-    if not (out.flags.c_contiguous and out.dtype == np.uint32 and out.shape == deltas.shape):
-        raise CodecError(f"delta_decode needs a C-contiguous uint32 out of shape {deltas.shape}")
-    np.add.accumulate(np.ascontiguousarray(deltas, dtype=np.uint32).reshape(-1), out=out.reshape(-1))
-    if out.shape[0] > 1:
-        out[1:] -= out[:-1, -1:]  # numpy buffers the overlap: row p sees row p-1's running sum, not its ids
+    if not (out.flags.c_contiguous and out.dtype in (np.uint32, np.int64) and out.shape == deltas.shape):
+        raise CodecError(f"delta_decode needs a C-contiguous uint32 or int64 out of shape {deltas.shape}")
+    running = out if out.dtype == np.uint32 else np.empty(deltas.shape, dtype=np.uint32)
+    np.add.accumulate(np.ascontiguousarray(deltas, dtype=np.uint32).reshape(-1), out=running.reshape(-1))
+    if running is not out:
+        out[:1] = running[:1]
+    if out.shape[0] > 1:  # numpy buffers the overlap of an in-place subtract: row p sees row p-1's running sum
+        np.subtract(running[1:], running[:-1, -1:], out=out[1:], dtype=np.uint32)
     return out
 
 

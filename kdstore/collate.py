@@ -145,9 +145,9 @@ def _pad_positions(samples: Sequence[dict[str, Any]], num_tokens: list[int], len
     """topk_ids [B, T, K] of ``id_dtype`` (0 at padding) and every *_codes column [B, T(, K)] (floor code at padding),
     or with ``decode`` its float32 log-probs under the CODE_KEYS name (the floor code's log-prob at padding).
 
-    The [B, T, K] keys are decoded sequence by sequence into the padded arrays (int64 ids through one uint32
-    scratch); the [B, T] ones in one masked assignment (a boolean mask fills in row-major order, the order of
-    the concatenated sequences; B copies of ~100 values cost more in calls than in bytes).
+    The [B, T, K] keys are decoded sequence by sequence straight into the padded arrays; the [B, T] ones in
+    one masked assignment (a boolean mask fills in row-major order, the order of the concatenated sequences;
+    B copies of ~100 values cost more in calls than in bytes).
     """
     book = codec.codebook
     num = len(samples)
@@ -159,14 +159,11 @@ def _pad_positions(samples: Sequence[dict[str, Any]], num_tokens: list[int], len
            keys[0]: np.full((num, length, codec.k), fill, dtype=dtype),
            **{key: np.full((num, length), fill, dtype=dtype) for key in keys[1:]}}
     # the codec decodes ids as uint32: int32 output views them so (as decode_positions does), int64 widens them
-    topk_ids, values = out["topk_ids"], out[keys[0]]
-    decoded = topk_ids.view(np.uint32) if id_dtype == np.int32 else np.empty((length, codec.k), dtype=np.uint32)
+    ids = out["topk_ids"].view(np.uint32) if id_dtype == np.int32 else out["topk_ids"]
+    values = out[keys[0]]
     for b, sample in enumerate(samples):
         num_positions = num_tokens[b] - 1
-        if id_dtype == np.int32:
-            delta_decode(sample["topk_id_deltas"], out=decoded[b, :num_positions])
-        else:
-            topk_ids[b, :num_positions] = delta_decode(sample["topk_id_deltas"], out=decoded[:num_positions])
+        delta_decode(sample["topk_id_deltas"], out=ids[b, :num_positions])
         if decode:
             book.decode(sample["topk_logprob_codes"], out=values[b, :num_positions])
         else:

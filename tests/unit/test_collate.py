@@ -170,9 +170,9 @@ def dense_collate(samples, codec, length, pad_id):
 
 
 @pytest.mark.parametrize("vocab_size", [300, 2**31 - 1])  # ids up to the largest an int32 holds
-def test_every_output_equals_a_dense_oracle_for_ragged_batches_with_an_empty_sequence(vocab_size):
+def test_every_output_equals_a_dense_oracle_for_ragged_batches_with_one_and_two_token_sequences(vocab_size):
     codec = CodecConfig(k=8, vocab_size=vocab_size)
-    samples = hand_made_samples(codec, (9, 1, 17, 4))
+    samples = hand_made_samples(codec, (9, 1, 17, 2, 4))
     expected = dense_collate(samples, codec, 24, pad_id=7)  # 17 rounded up to a multiple of 8
     table = codec.codebook.table
     compact = Collator(codec, pad_id=7, pad_to_multiple_of=8)(samples)

@@ -74,6 +74,21 @@ def test_the_bytes_counted_towards_a_release_stay_within_each_row_groups_mapped_
     assert dataset._bytes_since_release == sum(dataset._touched.values())
 
 
+def test_a_release_drops_the_least_recently_read_row_groups_and_keeps_the_one_just_read(store):
+    caps = [length + 2 * FAULT_AROUND_BYTES for _, length in MemoryMappedDataset(store)._group_pages]
+    dataset = MemoryMappedDataset(store, release_bytes=4 * max(caps))
+    released = []
+    dataset._map = type("Mapping", (), {"madvise": lambda self, advice, start, length: released.append(start)})()
+    reference = list(open_store(store).iter_sequences())
+    for index in list(range(len(dataset))) * 2:
+        sample = dataset[index]
+        group = int(np.searchsorted(dataset._group_starts, index, side="right")) - 1
+        assert list(dataset._touched)[-1] == group  # the most recently read group is never released with the old ones
+        assert dataset._bytes_since_release == sum(dataset._touched.values()) < dataset.release_bytes
+        assert np.array_equal(sample["input_ids"], reference[index]["input_ids"])
+    assert released and released[0] == dataset._group_pages[0][0]  # the first group read went first
+
+
 def test_the_arrow_copy_is_made_once_atomically_and_remade_when_the_shards_change(store, codec):
     first = convert_to_arrow(store)
     assert first.parent == store / "_cache" / "arrow" and not list(first.parent.glob("*.tmp-*"))
