@@ -189,7 +189,7 @@ def rss_child(store: str, kind: str, plan: PlanConfig) -> None:
     for samples in source:
         collate(samples)
     after = rss_mib()
-    print(before, after["VmHWM"], after["VmRSS"])
+    print(before, after["VmHWM"], after["VmRSS"], flush=True)  # before the interpreter's exit, which can abort
 
 
 def rss_mib() -> dict[str, int]:
@@ -326,8 +326,14 @@ def measure_rss(stores: tuple[Path, Path], kind: str, args: argparse.Namespace) 
             convert_to_arrow(store)  # the copy is made outside the measured child
         window = [] if args.shuffle_window is None else ["--shuffle-window", str(args.shuffle_window)]
         out = subprocess.run([sys.executable, __file__, "--rss-child", str(store), kind, "--batch-size",
-                              str(args.batch_size), *window], capture_output=True, text=True, check=True)
-        before, peak, final = map(int, out.stdout.split()[-3:])
+                              str(args.batch_size), *window], capture_output=True, text=True)
+        numbers = out.stdout.split()[-3:]
+        if len(numbers) != 3 or not all(n.isdigit() for n in numbers):
+            raise RuntimeError(f"the RSS child ({kind}, {store}) failed: {out.stderr[-2000:]}")
+        if out.returncode:  # seen ~1 run in 8 of the streaming child: "terminate called without an active exception"
+            print(f"  (the {kind} child printed its figures, then exited with {out.returncode}: "
+                  f"{(out.stderr.strip().splitlines() or [''])[-1]})")
+        before, peak, final = map(int, numbers)
         peaks.append(peak)
         growth.append(peak - before)
         manifest = open_store(store).manifest
