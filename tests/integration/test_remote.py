@@ -166,11 +166,17 @@ def test_train_reads_an_s3_store_through_a_local_arrow_copy_in_the_run_folder(s3
     assert list((tmp_path / "run" / "_cache").glob("store-*.arrow")) and (tmp_path / "run" / "student").is_dir()
 
 
-def test_an_hf_url_goes_through_huggingface_hub_and_offline_it_is_one_line(monkeypatch):
+def test_an_hf_url_goes_through_huggingface_hub_and_offline_it_is_one_line():
     """hf:// as far as it can be checked offline: the URL reaches huggingface_hub's fsspec filesystem (which
     refuses in offline mode) and the refusal is one line naming the URL; no test reaches the internet."""
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    result = _cli("info", "hf://datasets/someone/some-store")
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert result.exit_code == 1 and len(lines) == 1 and "hf://datasets/someone/some-store" in lines[0]
+    import os
+    import subprocess
+    import sys
+
+    # a fresh process: huggingface_hub reads HF_HUB_OFFLINE once, when it is first imported
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-m", "kdstore.cli.main", "info", "hf://datasets/someone/some-store"],
+                            capture_output=True, text=True, env=env, timeout=120)
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    assert result.returncode == 1 and len(lines) == 1 and "hf://datasets/someone/some-store" in lines[0], lines
     assert "offline" in lines[0] and "HF_TOKEN" in lines[0]
