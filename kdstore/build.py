@@ -36,6 +36,7 @@ from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, 
 from kdstore.errors import BuildError, KdstoreError
 from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table, sha256_named_files
 from kdstore.mirror import RemoteMirror
+from kdstore.records import check_output_folder
 from kdstore.store import is_url
 from kdstore.teacher import (
     Teacher,
@@ -46,7 +47,7 @@ from kdstore.teacher import (
     teacher_logits_chunks,
     to_numpy,
 )
-from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter, check_output_folder
+from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
 
 ASSETS = Path(__file__).with_name("assets")
 DEFAULT_TEACHER = str(ASSETS / "teacher")

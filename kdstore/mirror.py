@@ -39,6 +39,7 @@ from kdstore.format import (
     partition_record_name,
     shard_name,
 )
+from kdstore.records import union_manifest
 from kdstore.store import filesystem
 
 README_NAME = "README.md"
@@ -131,8 +132,6 @@ class RemoteMirror:
 
     def finish(self, record: dict[str, Any]) -> Manifest | None:
         """Upload the partition record; when every partition's is there, the card and then the manifest."""
-        from kdstore.writer import union_manifest
-
         name = partition_record_name(record["partition"])
         self._call("write", self.fs.pipe_file, self._path(name), json.dumps(record, indent=1).encode())
         names = sorted(posixpath.relpath(p, self.root)

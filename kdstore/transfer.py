@@ -31,6 +31,7 @@ import pyarrow as pa
 
 from kdstore.errors import ChecksumError, KdstoreError, StorageError, StoreMismatchError
 from kdstore.format import MANIFEST_NAME, TOKENIZER_DIR, Manifest, safe_relative_path
+from kdstore.records import first_difference
 from kdstore.store import HASH_CHUNK_BYTES, Store, filesystem, is_local_filesystem, open_store
 
 README_NAME = "README.md"
@@ -180,17 +181,6 @@ def _remove(fs: Any, path: str) -> None:
 
 
 # -- merge -----------------------------------------------------------------
-def first_difference(left: Any, right: Any, where: str) -> tuple[str, Any, Any] | None:
-    """The first leaf (dotted path) at which two JSON-like values differ, with both values; None if equal."""
-    if isinstance(left, dict) and isinstance(right, dict):
-        for key in sorted(set(left) | set(right), key=str):
-            found = first_difference(left.get(key), right.get(key), f"{where}.{key}")
-            if found:
-                return found
-        return None
-    return None if left == right else (where, left, right)
-
-
 def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[str],
                  storage_options: dict[str, Any] | None = None) -> MergeResult:
     """Merge stores with the same table, teacher, tokenizer, codec and columns into a new local store ``out``."""
@@ -205,12 +195,12 @@ def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[s
     first = stores[0]
     for other in stores[1:]:
         for name in ("format_version", "table", "teacher", "tokenizer", "codec", "columns"):
-            found = first_difference(getattr(first.manifest, name), getattr(other.manifest, name), name)
-            if found:
-                where, a, b = found
-                raise StoreMismatchError(f"{other.location} differs from {first.location} in {where}: "
-                                         f"{_short(b)} vs {_short(a)}", hint="merge only stores of the same teacher, "
-                                         "tokenizer and codec (kdstore info shows them)")
+            mine, theirs = getattr(other.manifest, name), getattr(first.manifest, name)
+            if mine != theirs:
+                raise StoreMismatchError(f"{other.location} differs from {first.location}: "
+                                         f"{first_difference(mine, theirs, name, (other.location, first.location))}",
+                                         hint="merge only stores of the same teacher, tokenizer and codec "
+                                              "(kdstore info shows them)")
     result = MergeResult(str(out))
     parts = [{"location": s.location, "build": s.manifest.build, "num_sequences": s.manifest.num_sequences}
              for s in stores]
@@ -253,9 +243,4 @@ def _new_rows(table: pa.Table, seen: set[str]) -> tuple[pa.Table, int]:
     return table.take(pa.array(keep, pa.int64())), len(ids) - len(keep)
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-__all__ = ["CopyResult", "MergeResult", "copy_store", "first_difference", "merge_stores"]
+__all__ = ["CopyResult", "MergeResult", "copy_store", "merge_stores"]

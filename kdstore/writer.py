@@ -50,8 +50,6 @@ from kdstore import __version__
 from kdstore.card import dataset_card, is_kdstore_card
 from kdstore.errors import (
     KdstoreError,
-    ManifestError,
-    OutputFolderError,
     ShardCorruptError,
     StoreLockedError,
     StoreMismatchError,
@@ -65,11 +63,11 @@ from kdstore.format import (
     TOKENIZER_DIR,
     Manifest,
     ShardInfo,
-    new_created_at,
     partition_record_name,
     shard_info,
     shard_name,
 )
+from kdstore.records import check_output_folder, read_record, refuse_if_different, union_manifest
 
 if TYPE_CHECKING:
     from kdstore.mirror import RemoteMirror
@@ -312,7 +310,7 @@ class ShardWriter:
             found = {key: data.get(key) for key in wanted}
             if source.name == MANIFEST_NAME:
                 found["num_partitions"] = wanted["num_partitions"]  # a finished store may be extended
-            _refuse_if_different(found, wanted, source)
+            refuse_if_different(found, wanted, source)
 
     def _recover_partition(self) -> None:
         """Drop half-written shards; adopt the finished ones of this partition."""
@@ -328,7 +326,7 @@ class ShardWriter:
                 raise ShardCorruptError(f"{relative} breaks the shard numbering of partition {self.partition}",
                                         hint="delete the shards of this partition and rerun it")
             essentials = read_shard_essentials(path)
-            _refuse_if_different({key: essentials.get(key) for key in wanted}, wanted, path)
+            refuse_if_different({key: essentials.get(key) for key in wanted}, wanted, path)
             counts = json.loads(pq.read_metadata(path).metadata[b"kdstore_shard"])
             self.shards.append(shard_info(path, relative, counts["num_rows"], counts["num_tokens"]))
             self.num_committed_rows += counts["num_rows"]
@@ -370,73 +368,6 @@ def _fixed_width(kind: pa.DataType) -> int:
         return max(1, kind.bit_width // 8)
     except ValueError:
         return 0
-
-
-def check_output_folder(root: Path) -> None:
-    """Refuse a folder that holds files of its own: write only into a new or empty folder or a kdstore store.
-
-    A store is a folder with a kdstore ``manifest.json``, or one a writer began (every writer makes ``_locks/``
-    before anything else), or partitions copied together for ``--finalize`` (``_partitions/``, or ``shards/``
-    holding only ``part-*`` files). Nothing is created or changed here.
-    """
-    if not root.exists():
-        return
-    if not root.is_dir():
-        raise OutputFolderError(f"{root} is a file, not a folder")
-    if (root / MANIFEST_NAME).exists():
-        read_record(root / MANIFEST_NAME)  # a kdstore manifest, or refused
-        return
-    entries = sorted(entry.name for entry in root.iterdir())
-    shards = sorted(p.name for p in (root / SHARD_DIR).iterdir()) if (root / SHARD_DIR).is_dir() else []
-    begun = (root / LOCK_DIR).is_dir() or (root / PARTITION_DIR).is_dir() or (
-        shards and all(name.startswith("part-") for name in shards))
-    if entries and not begun:
-        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise OutputFolderError(f"{root} is not empty ({shown}) and is not a kdstore store")
-
-
-def read_record(path: Path) -> dict[str, Any]:
-    """A store's ``manifest.json`` or partition record as a dict; one-line errors when it is not one."""
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        data, problem = None, f"not JSON ({exc})"
-    else:
-        problem = "not a kdstore manifest"
-    if isinstance(data, dict) and (data.get("format") == "kdstore" or path.name != MANIFEST_NAME):
-        return data
-    if path.name == MANIFEST_NAME:
-        raise OutputFolderError(f"{path} is {problem}", hint="pick a new or empty --out folder; if it was a kdstore "
-                                                              "store, restore its manifest.json from a good copy")
-    raise ManifestError(f"{path} is {problem if data is None else 'not a partition record'}",
-                        hint=f"delete it and rerun partition {path.stem.split('-')[-1].lstrip('0') or '0'}")
-
-
-_ABSENT = "(absent)"
-
-
-def _refuse_if_different(found: dict[str, Any], wanted: dict[str, Any], source: Path,
-                         sides: tuple[str, str] = ("the store", "this build")) -> None:
-    """StoreMismatchError naming, for each differing key, the first differing field and its value on both sides."""
-    different = [key for key in wanted if found.get(key) != wanted[key]]
-    if different:
-        details = "; ".join(_first_difference(found.get(key), wanted[key], key, sides) for key in different)
-        where = source.parent if source.name == MANIFEST_NAME else source
-        raise StoreMismatchError(f"{where} holds a store with a different {', '.join(different)} than this build: "
-                                 f"{details}")
-
-
-def _first_difference(found: Any, wanted: Any, field: str, sides: tuple[str, str]) -> str:
-    if isinstance(found, dict) and isinstance(wanted, dict):
-        for key in [*wanted, *(k for k in found if k not in wanted)]:  # the record's order: teacher.model first
-            if found.get(key, _ABSENT) != wanted.get(key, _ABSENT):
-                return _first_difference(found.get(key, _ABSENT), wanted.get(key, _ABSENT), f"{field}.{key}", sides)
-    return f"{field} is {_shown(found)} in {sides[0]}, {_shown(wanted)} in {sides[1]}"
-
-
-def _shown(value: Any, limit: int = 70) -> str:
-    text = value if value is _ABSENT else repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _lock(path: Path, blocking: bool) -> Any:
@@ -481,23 +412,6 @@ def _copy_tree_atomic(source: Path, target: Path) -> None:
 
 def _file_contents(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
-
-
-def union_manifest(records: list[tuple[Path, dict[str, Any]]]) -> Manifest | None:
-    """The manifest of a store whose partition records are ``records`` ((where, record) pairs); None while
-    partitions are missing. Records that disagree on anything but their partition and shards are refused."""
-    first = records[0][1]
-    if len(records) < first["num_partitions"]:
-        return None
-    shards: list[ShardInfo] = []
-    shared = [k for k in first if k not in ("partition", "shards")]
-    for source, data in records:
-        _refuse_if_different({k: data.get(k) for k in shared}, {k: first[k] for k in shared}, source,
-                             (source.name, records[0][0].name))
-        shards += [ShardInfo(**s) for s in data["shards"]]
-    fields = {k: first[k] for k in shared}
-    return Manifest(**fields, shards=sorted(shards, key=lambda s: s.path), kdstore_version=__version__,
-                    created_at=new_created_at())
 
 
 def finalize(root: str | os.PathLike[str]) -> Manifest | None:

@@ -87,7 +87,7 @@ def test_merge_keeps_every_sequence_once_and_verifies(tmp_path):
 def test_merge_refuses_stores_of_another_codec_naming_the_field_and_both_values(tmp_path):
     a = write_store(tmp_path / "a", CODEC, num_sequences=2)
     b = write_store(tmp_path / "b", CodecConfig(k=4, vocab_size=300), num_sequences=2)
-    with pytest.raises(StoreMismatchError, match=r"differs from .* in codec\.k: 4 vs 8"):
+    with pytest.raises(StoreMismatchError, match=r"differs from .*: codec\.k is 4 in .*b, 8 in .*a"):
         merge_stores([a, b], tmp_path / "merged")
     assert not (tmp_path / "merged").exists()
 
