@@ -106,3 +106,44 @@ def test_the_cli_copies_to_s3_and_back_byte_for_byte(store, tmp_path, s3):
     assert _files(tmp_path / "back") == {k: v for k, v in _files(store).items() if not k.startswith("_")}
     manifest = json.loads((tmp_path / "back" / "manifest.json").read_text())
     assert manifest["shards"] == json.loads((store / "manifest.json").read_text())["shards"]
+
+
+def test_merge_check_and_export_take_s3_stores(tmp_path, s3):
+    """The sharing commands read stores in a bucket like local ones (moto on loopback)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import make_manifest, synthetic_rows
+    from kdstore.build import tokenizer_info
+    from kdstore.format import logits_schema, rows_to_table
+    from kdstore.writer import ShardWriter
+
+    _, options = s3
+    endpoint = [f"--storage-option=endpoint_url={options['endpoint_url']}"]
+    backend = Tokenizer(models.WordLevel({f"w{i}": i for i in range(CODEC.vocab_size)}, unk_token="w0"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(tmp_path / "tok")
+    manifest = make_manifest(CODEC)
+    manifest.tokenizer = tokenizer_info(PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok"), tmp_path / "tok")
+    schema = logits_schema(CODEC)
+    for name, seed in (("a", 1), ("b", 2)):
+        with ShardWriter(tmp_path / name, manifest, schema, tokenizer_dir=tmp_path / "tok") as writer:
+            writer.write(rows_to_table(schema, synthetic_rows(CODEC, 4, 9, seed=seed, prefix=name)))
+    url = f"s3://{S3_BUCKET}/{tmp_path.name}-b"
+    copy_store(tmp_path / "b", url, target_options={"endpoint_url": options["endpoint_url"]})
+
+    merged = CliRunner().invoke(cli, ["merge", str(tmp_path / "a"), url, "--out", str(tmp_path / "merged"), *endpoint])
+    assert merged.exit_code == 0 and "merged 8 sequences" in merged.output, merged.output
+    assert verify_store(open_store(tmp_path / "merged")) == []
+    checked = CliRunner().invoke(cli, ["check", url, "--student", str(tmp_path / "tok"), *endpoint])
+    assert checked.exit_code == 0 and "identical" in checked.output, checked.output
+    exported = CliRunner().invoke(cli, ["export", url, "--format", "hf", "--out", str(tmp_path / "hf"), *endpoint])
+    assert exported.exit_code == 0, exported.output
+    local = CliRunner().invoke(cli, ["export", str(tmp_path / "b"), "--format", "hf", "--out", str(tmp_path / "hf-local")])
+    assert local.exit_code == 0, local.output
+    import pyarrow.parquet as pq
+
+    parts = sorted(p.relative_to(tmp_path / "hf-local") for p in (tmp_path / "hf-local").rglob("*.parquet"))
+    assert parts and parts == sorted(p.relative_to(tmp_path / "hf") for p in (tmp_path / "hf").rglob("*.parquet"))
+    for part in parts:  # the same rows (the files' metadata name their source: a folder or the URL)
+        assert pq.read_table(tmp_path / "hf" / part).equals(pq.read_table(tmp_path / "hf-local" / part))
