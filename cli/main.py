@@ -172,7 +172,7 @@ def check(store: str, student: str, student_vocab_size: int | None, as_json: boo
 
 
 @cli.command()
-@store_argument
+@click.argument("store", metavar="STORE|RUN_FOLDER")
 @click.option("--plot", "plot_dir", default=None, metavar="DIR", help="Also write PNG plots (640x400 px) into this folder.")
 @click.option("--html", "html_file", default=None, metavar="FILE",
               help="Also write one self-contained HTML report to this file.")
@@ -180,21 +180,28 @@ def check(store: str, student: str, student_vocab_size: int | None, as_json: boo
 @storage_option
 def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Measure a store one row group at a time: perplexity, entropy bounds, top-K and tail mass, rank of the next
-    token, sampled draws, bytes per column, rows and tokens per shard, scores (docs/stats.md defines each).
+    token, sampled draws, bytes per column, rows and tokens per shard, scores (docs/stats.md defines each). Given a
+    `kdstore train` run folder (metrics.jsonl): its losses, learning rate and throughput, and their curves.
 
     \b
     Example:
       kdstore stats my-store
       kdstore stats my-store --plot my-store-plots --html my-store.html
       kdstore stats s3://bucket/store --json --storage-option endpoint_url=http://127.0.0.1:9000 | jq .perplexity
+      kdstore stats my-run --plot my-run-plots --html my-run.html
     """
-    from kdstore.stats import format_stats, measure_store
+    from kdstore.stats import format_run_stats, format_stats, is_run_folder, measure_run, measure_store
 
-    figures, written = measure_store(store, _options(storage_options), plot_dir, html_file)
+    if is_run_folder(store):
+        figures, written = measure_run(store, plot_dir, html_file)
+        lines = format_run_stats(figures)
+    else:
+        figures, written = measure_store(store, _options(storage_options), plot_dir, html_file)
+        lines = format_stats(figures, store)
     if as_json:  # the figures alone: a script pipes them on
         click.echo(json.dumps(figures, indent=1))
         return
-    click.echo("\n".join([*format_stats(figures, store), *(f"wrote {path}" for path in written)]))
+    click.echo("\n".join([*lines, *(f"wrote {path}" for path in written)]))
 
 
 @cli.command()

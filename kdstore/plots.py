@@ -1,6 +1,7 @@
-"""Pictures of a store's figures (kdstore.stats): PNG plots and one self-contained HTML report.
+"""Pictures of a store's or a training run's figures (kdstore.stats): PNG plots and one self-contained HTML report.
 
     figures, written = kdstore.stats.measure_store("store", plot_dir="plots", html_path="report.html")
+    figures, written = kdstore.stats.measure_run("run", plot_dir="plots", html_path="report.html")
 
 Every plot is FIGURE_INCHES at DPI, so exactly FIGURE_PIXELS (640 x 400) whatever it shows; matplotlib draws it
 on its Agg canvas (no display, no pyplot state). The HTML report holds the terminal table, every plot inline as
@@ -133,15 +134,59 @@ PLOTS: dict[str, tuple[Callable[[Any, dict[str, Any]], str], Callable[[dict[str,
 }
 
 
+def _run_losses(ax: Any, f: dict[str, Any]) -> str:
+    c = f["curves"]
+    for key, label, style in (("loss", "training loss", "-"), ("kd", "KD part", "--"), ("ce", "CE part", ":")):
+        points = [(s, v) for s, v in zip(c["step"], c[key]) if v is not None]
+        if points:
+            ax.plot(*zip(*points), style, label=label, marker="." if len(points) <= 64 else None)
+    if c["val_step"]:
+        ax.plot(c["val_step"], c["val_loss"], "o-", color=OUTSIDE_COLOUR, label="validation loss")
+    _integer_ticks(ax.xaxis)
+    ax.set(xlabel="step", ylabel="loss, nats per token", title="Training loss (KD and CE parts) and validation loss")
+    ax.legend(loc="best")  # the curves fall, rise or cross: let matplotlib find a clear corner
+    return "Mean training loss and its KD and CE parts over each logged interval, and the validation loss, by step."
+
+
+def _run_curve(key: str, label: str, title: str, caption: str) -> Callable[[Any, dict[str, Any]], str]:
+    def draw(ax: Any, f: dict[str, Any]) -> str:
+        points = [(s, v) for s, v in zip(f["curves"]["step"], f["curves"][key]) if v is not None]
+        ax.plot(*zip(*points), color=TOP_COLOUR, marker="." if len(points) <= 64 else None)
+        _integer_ticks(ax.xaxis)
+        ax.set(xlabel="step", ylabel=label, title=title)
+        return caption
+    return draw
+
+
+def _has(key: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda f: any(v is not None for v in f["curves"][key])
+
+
+RUN_PLOTS: dict[str, tuple[Callable[[Any, dict[str, Any]], str], Callable[[dict[str, Any]], bool]]] = {
+    "loss": (_run_losses, lambda f: bool(f["curves"]["step"] or f["curves"]["val_step"])),
+    "lr": (_run_curve("lr", "learning rate", "Learning rate", "The learning rate at each logged step."), _has("lr")),
+    "tokens_per_s": (_run_curve("tokens_per_s", "tokens/s", "Throughput",
+                                "Real tokens per second on every rank over each logged interval."), _has("tokens_per_s")),
+}
+
+
 def render_figures(figures: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
     """{plot name: (PNG bytes, caption)} of every plot the figures have data for (a store with no positions: none)."""
+    return _render(PLOTS, figures) if figures["num_positions"] else {}
+
+
+def render_run_figures(figures: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
+    """{plot name: (PNG bytes, caption)} of a training run's curves (kdstore.stats.run_stats) it has data for."""
+    return _render(RUN_PLOTS, figures)
+
+
+def _render(plots: dict[str, tuple[Callable[[Any, dict[str, Any]], str], Callable[[dict[str, Any]], bool]]],
+            figures: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    if not figures["num_positions"]:
-        return {}
     images = {}
-    for name, (draw, applies) in PLOTS.items():
+    for name, (draw, applies) in plots.items():
         if not applies(figures):
             continue
         figure = Figure(figsize=FIGURE_INCHES, dpi=DPI)

@@ -1075,6 +1075,38 @@ def _(w: World) -> Call:
     return Call(["stats", "--json"], expect=("STORE",), exit_code=2)
 
 
+def metrics_run(w: World, text: str) -> Path:
+    """A run folder holding only ``metrics.jsonl`` with ``text`` (docs/train.md's line format)."""
+    run = w.tmp / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(text)
+    return run
+
+
+LOGGED = '{"step": 10, "loss": 3.5, "kd": 3.5, "ce": 7.1, "lr": 0.0004, "tokens_per_s": 21500.0, "epoch": 0, "time": 1.7e9}\n'
+
+
+@case("stats-run-with-an-empty-metrics-file")
+def _(w: World) -> Call:
+    run = metrics_run(w, "")
+    return stats_call(w, "--plot", "plots", "--html", "report.html", store=str(run),
+                      expect=(str(run / "metrics.jsonl"), "no logged step"))
+
+
+@case("stats-run-with-a-broken-metrics-line")
+def _(w: World) -> Call:  # a damaged line mid-file (not a half-written last one): its number is named
+    run = metrics_run(w, LOGGED + "{not json\n" + LOGGED.replace('"step": 10', '"step": 20'))
+    return stats_call(w, "--plot", "plots", store=str(run), expect=(str(run / "metrics.jsonl"), "line 2"))
+
+
+@case("stats-folder-neither-store-nor-run")
+def _(w: World) -> Call:
+    folder = w.tmp / "notes"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("mine\n")
+    return stats_call(w, "--html", "report.html", store=str(folder), expect=(str(folder), "manifest.json", "metrics.jsonl"))
+
+
 # -- the test ------------------------------------------------------------------------
 def snapshot(paths: list[Path], leave_out: Path | None = None) -> dict[str, object]:
     """{path: (size, sha256)} of every file, {path: "dir"} of every folder, {path: None} of a missing path;

@@ -340,3 +340,79 @@ def test_stats_command_prints_the_table_and_the_same_json(small_store, figures):
     assert f"teacher perplexity    {figures['perplexity']:.4f}" in table.output
     as_json = CliRunner().invoke(cli, ["stats", str(small_store), "--json"])
     assert as_json.exit_code == 0 and json.loads(as_json.output) == json.loads(json.dumps(figures))
+
+
+# -- a training run (kdstore train's metrics.jsonl) -----------------------------------------
+RUN_ROWS = [  # the line format of docs/train.md; step 30 validates without logging
+    {"step": 10, "loss": 4.0, "kd": 3.0, "ce": 7.0, "lr": 0.001, "tokens_per_s": 1000.0, "epoch": 0, "time": 1.7e9},
+    {"step": 20, "loss": 3.0, "kd": 2.5, "ce": 6.0, "lr": 0.0008, "tokens_per_s": 3000.0, "val_loss": 6.5, "epoch": 0,
+     "time": 1.7e9 + 1},
+    {"step": 30, "val_loss": 6.25, "epoch": 1, "time": 1.7e9 + 2},
+    {"step": 40, "loss": 3.5, "kd": 2.75, "ce": 5.5, "lr": 0.0002, "tokens_per_s": 2000.0, "epoch": 1, "time": 1.7e9 + 3},
+]
+
+
+def write_run(folder: Path, rows: list[dict] = RUN_ROWS, tail: str = "") -> Path:
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows) + tail)
+    return folder
+
+
+def test_run_figures_equal_the_numbers_worked_out_by_hand(tmp_path):
+    from kdstore.stats import run_stats
+
+    run = write_run(tmp_path / "run", tail='{"step": 50, "lo')  # the run is still writing its last line
+    f = run_stats(run)
+    assert (f["num_steps"], f["num_logged"], f["num_validations"]) == (40, 3, 2)
+    assert f["loss"] == {"first": 4.0, "last": 3.5, "min": 3.0, "min_step": 20}
+    assert (f["last_val_loss"], f["last_val_step"]) == (6.25, 30)
+    assert f["mean_tokens_per_s"] == (1000 + 3000 + 2000) / 3 and f["final_lr"] == 0.0002
+    assert f["curves"] == {"step": [10, 20, 40], "loss": [4.0, 3.0, 3.5], "kd": [3.0, 2.5, 2.75], "ce": [7.0, 6.0, 5.5],
+                           "lr": [0.001, 0.0008, 0.0002], "tokens_per_s": [1000.0, 3000.0, 2000.0],
+                           "val_step": [20, 30], "val_loss": [6.5, 6.25]}
+
+
+def test_stats_command_on_a_run_folder_prints_the_run_table_and_its_json(tmp_path):
+    run = write_run(tmp_path / "run")
+    table = CliRunner().invoke(cli, ["stats", str(run)])
+    assert table.exit_code == 0, table.output
+    assert "training loss         first 4.0000, last 3.5000, min 3.0000 (step 20)" in table.output
+    assert "validation loss       6.2500 (step 30)" in table.output and "mean 2000 over" in table.output
+    assert "final lr              0.0002" in table.output
+    as_json = CliRunner().invoke(cli, ["stats", str(run), "--json"])
+    assert as_json.exit_code == 0 and json.loads(as_json.output)["loss"]["min_step"] == 20
+
+
+def test_run_curves_are_valid_pngs_of_the_stated_size_and_the_html_holds_each_inline(tmp_path):
+    from kdstore.stats import measure_run
+
+    run, plots, report = write_run(tmp_path / "run"), tmp_path / "plots", tmp_path / "report.html"
+    figures, written = measure_run(run, plot_dir=plots, html_path=report)
+    pngs = sorted(plots.glob("*.png"))
+    assert {p.stem for p in pngs} == {"loss", "lr", "tokens_per_s"} and set(written) == {*pngs, report}
+    text = report.read_text()
+    for png in pngs:
+        assert png_size(png.read_bytes()) == FIGURE_PIXELS, png.name
+        assert f"data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}" in text, png.name
+    sources = re.findall(r"""\bsrc\s*=\s*["']([^"']*)""", text)
+    assert len(sources) == len(pngs) and all(s.startswith("data:image/png;base64,") for s in sources)
+    outside_images = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]*", "", text).lower()
+    for reference in ("href", "<link", "<script", "url(", "@import", "http://", "https://", "<iframe", "<object"):
+        assert reference not in outside_images, reference
+    assert "first 4.0000, last 3.5000" in text
+
+
+def test_an_empty_or_broken_metrics_file_and_a_folder_that_is_neither_are_refused_in_one_line(tmp_path):
+    from kdstore.errors import TrainError
+    from kdstore.stats import is_run_folder, measure_run
+
+    empty = write_run(tmp_path / "empty", rows=[])
+    with pytest.raises(StatsError, match="metrics.jsonl holds no logged step"):
+        measure_run(empty, plot_dir=tmp_path / "plots")
+    broken = write_run(tmp_path / "broken", tail="not json\n" + json.dumps(RUN_ROWS[0]) + "\n")
+    with pytest.raises(TrainError, match=r"broken/metrics.jsonl line 5 is not a JSON object"):
+        measure_run(broken, html_path=tmp_path / "report.html")
+    (tmp_path / "neither").mkdir()
+    with pytest.raises(StatsError, match="neither a store .no manifest.json. nor a training run folder .no metrics"):
+        is_run_folder(tmp_path / "neither")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "empty", "neither"]
