@@ -190,7 +190,8 @@ def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool
       kdstore stats s3://bucket/store --json --storage-option endpoint_url=http://127.0.0.1:9000 | jq .perplexity
       kdstore stats my-run --plot my-run-plots --html my-run.html
     """
-    from kdstore.stats import format_run_stats, format_stats, is_run_folder, measure_run, measure_store
+    from kdstore.run_stats import format_run_stats, is_run_folder, measure_run
+    from kdstore.stats import format_stats, measure_store
 
     if is_run_folder(store):
         figures, written = measure_run(store, plot_dir, html_file)

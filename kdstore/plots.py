@@ -1,7 +1,7 @@
 """Pictures of a store's or a training run's figures (kdstore.stats): PNG plots and one self-contained HTML report.
 
     figures, written = kdstore.stats.measure_store("store", plot_dir="plots", html_path="report.html")
-    figures, written = kdstore.stats.measure_run("run", plot_dir="plots", html_path="report.html")
+    figures, written = kdstore.run_stats.measure_run("run", plot_dir="plots", html_path="report.html")
 
 Every plot is FIGURE_INCHES at DPI, so exactly FIGURE_PIXELS (640 x 400) whatever it shows; matplotlib draws it
 on its Agg canvas (no display, no pyplot state). The HTML report holds the terminal table, every plot inline as
@@ -176,7 +176,7 @@ def render_figures(figures: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
 
 
 def render_run_figures(figures: dict[str, Any]) -> dict[str, tuple[bytes, str]]:
-    """{plot name: (PNG bytes, caption)} of a training run's curves (kdstore.stats.run_stats) it has data for."""
+    """{plot name: (PNG bytes, caption)} of a training run's curves (kdstore.run_stats.run_stats) it has data for."""
     return _render(RUN_PLOTS, figures)
 
 

@@ -35,7 +35,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from kdstore.errors import EmptyStoreError, StatsError, VerifyError
-from kdstore.format import MANIFEST_NAME, SCORE_COLUMNS, ShardInfo
+from kdstore.format import SCORE_COLUMNS, ShardInfo
 from kdstore.store import DECODED_COLUMNS, Store, StoredRows, is_url, open_store
 
 # fixed histogram edges, so row groups add up without a second pass; values outside fall into the end bins
@@ -305,10 +305,10 @@ def measure_store(location: str | os.PathLike[str], storage_options: dict[str, A
     is read; nothing is written when reading fails). Returns (figures, the files written)."""
     check_output_paths(plot_dir, html_path)
     figures = store_stats(location, storage_options)
-    return figures, _write_pictures(figures, format_stats(figures, str(location)), str(location), plot_dir, html_path)
+    return figures, write_pictures(figures, format_stats(figures, str(location)), str(location), plot_dir, html_path)
 
 
-def _write_pictures(figures: dict[str, Any], lines: list[str], location: str, plot_dir: str | os.PathLike[str] | None,
+def write_pictures(figures: dict[str, Any], lines: list[str], location: str, plot_dir: str | os.PathLike[str] | None,
                     html_path: str | os.PathLike[str] | None) -> list[Path]:
     """The PNGs and HTML report asked for, of a store's figures or a run's (``figures["run"]`` tells which)."""
     if plot_dir is None and html_path is None:
@@ -322,80 +322,12 @@ def _write_pictures(figures: dict[str, Any], lines: list[str], location: str, pl
     return written
 
 
-# -- a training run ----------------------------------------------------------------------
-def is_run_folder(location: str | os.PathLike[str]) -> bool:
-    """True for a local folder holding metrics.jsonl and no manifest.json (a ``kdstore train`` run); False for what
-    may be a store (a URL, a missing path, a folder with manifest.json or an unfinished store's shards/ or
-    _partitions/). Any other folder is neither: refused in one line naming both."""
-    if is_url(location) or not Path(location).is_dir():
-        return False
-    folder = Path(location)
-    if (folder / MANIFEST_NAME).exists() or (folder / "shards").is_dir() or (folder / "_partitions").is_dir():
-        return False
-    from kdstore.progress import METRICS_NAME  # imports torch: only once the folder is no store
-
-    if (folder / METRICS_NAME).is_file():
-        return True
-    raise StatsError(f"{location} is neither a store (no {MANIFEST_NAME}) nor a training run folder (no {METRICS_NAME})",
-                     hint="pass a store folder or URL, or the --out folder of a `kdstore train` run")
-
-
-def run_stats(run_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The figures of a ``kdstore train`` run from its metrics.jsonl as a JSON-ready dict (docs/stats.md).
-
-    Training rows are those with a ``loss``; validation rows those with a ``val_loss`` (docs/train.md).
-    """
-    from kdstore.progress import METRICS_NAME, read_metrics
-
-    rows = read_metrics(run_dir)
-    if not rows:
-        raise StatsError(f"{Path(run_dir) / METRICS_NAME} holds no logged step; there is nothing to measure",
-                         hint="let the run log a step first (the log_every setting), then run kdstore stats again")
-    train, val = [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
-    losses = [float(r["loss"]) for r in train]
-    speeds = [float(r["tokens_per_s"]) for r in train if "tokens_per_s" in r]
-    lrs = [r for r in train if "lr" in r]
-    least = min(range(len(losses)), key=losses.__getitem__) if losses else None
-    return {"run": str(run_dir), "num_steps": max(r["step"] for r in rows), "num_logged": len(train),
-            "num_validations": len(val),
-            "loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None,
-                     "min": losses[least] if least is not None else None,
-                     "min_step": train[least]["step"] if least is not None else None},
-            "last_val_loss": float(val[-1]["val_loss"]) if val else None, "last_val_step": val[-1]["step"] if val else None,
-            "mean_tokens_per_s": sum(speeds) / len(speeds) if speeds else None,
-            "final_lr": float(lrs[-1]["lr"]) if lrs else None,
-            "curves": {"step": [r["step"] for r in train],
-                       **{key: [r.get(key) for r in train] for key in ("loss", "kd", "ce", "lr", "tokens_per_s")},
-                       "val_step": [r["step"] for r in val], "val_loss": [float(r["val_loss"]) for r in val]}}
-
-
-def measure_run(run_dir: str | os.PathLike[str], plot_dir: str | os.PathLike[str] | None = None,
-                html_path: str | os.PathLike[str] | None = None) -> tuple[dict[str, Any], list[Path]]:
-    """``kdstore stats RUN_FOLDER``: the run's figures, and its curves as PNGs and an HTML report when asked."""
-    check_output_paths(plot_dir, html_path)
-    figures = run_stats(run_dir)
-    return figures, _write_pictures(figures, format_run_stats(figures), str(run_dir), plot_dir, html_path)
-
-
-def format_run_stats(figures: dict[str, Any]) -> list[str]:
-    """A run's figures as aligned terminal lines (what ``kdstore stats RUN_FOLDER`` prints)."""
-    f, loss = figures, figures["loss"]
-    val = (f"{f['last_val_loss']:.4f} (step {f['last_val_step']})" if f["last_val_loss"] is not None
-           else "- (the run has not validated)")
-    return [f"{'run':<22}{f['run']}: {f['num_steps']:,} steps, {f['num_logged']} logged, {f['num_validations']} validated",
-            f"{'training loss':<22}first {_number(loss['first'], 4)}, last {_number(loss['last'], 4)}, "
-            f"min {_number(loss['min'], 4)}" + (f" (step {loss['min_step']})" if loss["min_step"] is not None else ""),
-            f"{'validation loss':<22}{val}",
-            f"{'tokens/s':<22}mean {_number(f['mean_tokens_per_s'], 0)} over the logged intervals",
-            f"{'final lr':<22}" + ("-" if f["final_lr"] is None else f"{f['final_lr']:.4g}")]
-
-
 # -- the terminal table ------------------------------------------------------------------
 def _pct(count: float, total: float) -> str:
     return f"{100 * count / total:.1f}%" if total else "-"
 
 
-def _number(value: float | None, digits: int = 3) -> str:
+def format_number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -410,10 +342,11 @@ def format_stats(figures: dict[str, Any], location: str) -> list[str]:
         f"{'sequences':<22}{f['num_sequences']:,} ({f['num_tokens']:,} tokens, {positions:,} positions)",
         f"{'teacher perplexity':<22}" + (f"{f['perplexity']:.4f} (mean target log-prob {f['mean_target_logprob']:.4f})"
                                          if f["perplexity"] is not None else "- (the store has no target log-probs)"),
-        f"{'entropy, nats':<22}{_number(entropy['mean_lower'])} .. {_number(entropy['mean_upper'])} per position "
-        f"(estimate {_number(entropy['mean_estimate'])}: top-K exact, tail bounded)",
-        f"{'top-K mass':<22}mean {_number(mass['mean'])}; positions below 0.5: {_pct(below_half, positions)}",
-        f"{'tail mass':<22}mean {_number(tail['mean'], 4)}; above 1e-2: {_pct(tail_above, positions)} (from {tail['source']})",
+        f"{'entropy, nats':<22}{format_number(entropy['mean_lower'])} .. {format_number(entropy['mean_upper'])} per position "
+        f"(estimate {format_number(entropy['mean_estimate'])}: top-K exact, tail bounded)",
+        f"{'top-K mass':<22}mean {format_number(mass['mean'])}; positions below 0.5: {_pct(below_half, positions)}",
+        f"{'tail mass':<22}mean {format_number(tail['mean'], 4)}; above 1e-2: {_pct(tail_above, positions)} "
+        f"(from {tail['source']})",
         f"{'next token rank':<22}" + "  ".join(f"{r + 1}: {_pct(c, positions)}" for r, c in enumerate(rank["counts"][:5]))
         + (f"  {6}-{f['k']}: {_pct(sum(rank['counts'][5:]), positions)}" if f["k"] > 5 else "")
         + f"  outside the top-K: {_pct(rank['outside'], positions)}",
@@ -421,16 +354,17 @@ def format_stats(figures: dict[str, Any], location: str) -> list[str]:
     if f["sampled"] is not None:
         s = f["sampled"]
         lines.append(f"{'sampled draws':<22}{s['draws']} per position ({s['mode']}, {s['scheme']}): "
-                     f"{_number(s['mean_unique_ids'], 2)} distinct ids per position, "
+                     f"{format_number(s['mean_unique_ids'], 2)} distinct ids per position, "
                      f"{_pct(s['fraction_draws_in_topk'] or 0, 1)} of draws in the top-K")
     for name, score in f["scores"].items():
-        lines.append(f"{name:<22}{score['count']:,} scored, {score['num_null']:,} null: mean {_number(score['mean'], 4)}, "
-                     f"min {_number(score['min'], 4)}, max {_number(score['max'], 4)}")
+        lines.append(f"{name:<22}{score['count']:,} scored, {score['num_null']:,} null: mean {format_number(score['mean'], 4)}, "
+                     f"min {format_number(score['min'], 4)}, max {format_number(score['max'], 4)}")
     size = f["bytes"]
-    lines += [f"{'bytes per token':<22}{_number(size['per_token'], 2)} ({size['file_bytes']:,} bytes in shards, "
+    lines += [f"{'bytes per token':<22}{format_number(size['per_token'], 2)} ({size['file_bytes']:,} bytes in shards, "
               f"{size['other_bytes']:,} of them footers)", "",
               f"  {'column':<24}{'bytes':>14}{'per token':>12}{'share':>8}"]
-    lines += [f"  {name:<24}{c['compressed']:>14,}{_number(c['per_token'], 2):>12}{_pct(c['compressed'], size['file_bytes']):>8}"
+    lines += [f"  {name:<24}{c['compressed']:>14,}{format_number(c['per_token'], 2):>12}"
+              f"{_pct(c['compressed'], size['file_bytes']):>8}"
               for name, c in size["columns"].items()]
     lines += ["", f"  {'shard':<40}{'rows':>10}{'tokens':>12}{'bytes':>14}"]
     lines += [f"  {s['path']:<40}{s['num_rows']:>10,}{s['num_tokens']:>12,}{s['num_bytes']:>14,}" for s in f["shards"]]

@@ -359,7 +359,7 @@ def write_run(folder: Path, rows: list[dict] = RUN_ROWS, tail: str = "") -> Path
 
 
 def test_run_figures_equal_the_numbers_worked_out_by_hand(tmp_path):
-    from kdstore.stats import run_stats
+    from kdstore.run_stats import run_stats
 
     run = write_run(tmp_path / "run", tail='{"step": 50, "lo')  # the run is still writing its last line
     f = run_stats(run)
@@ -384,7 +384,7 @@ def test_stats_command_on_a_run_folder_prints_the_run_table_and_its_json(tmp_pat
 
 
 def test_run_curves_are_valid_pngs_of_the_stated_size_and_the_html_holds_each_inline(tmp_path):
-    from kdstore.stats import measure_run
+    from kdstore.run_stats import measure_run
 
     run, plots, report = write_run(tmp_path / "run"), tmp_path / "plots", tmp_path / "report.html"
     figures, written = measure_run(run, plot_dir=plots, html_path=report)
@@ -404,7 +404,7 @@ def test_run_curves_are_valid_pngs_of_the_stated_size_and_the_html_holds_each_in
 
 def test_an_empty_or_broken_metrics_file_and_a_folder_that_is_neither_are_refused_in_one_line(tmp_path):
     from kdstore.errors import TrainError
-    from kdstore.stats import is_run_folder, measure_run
+    from kdstore.run_stats import is_run_folder, measure_run
 
     empty = write_run(tmp_path / "empty", rows=[])
     with pytest.raises(StatsError, match="metrics.jsonl holds no logged step"):
