@@ -38,7 +38,6 @@ import hashlib
 import json
 import mmap
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +47,7 @@ import xxhash
 from kdstore.errors import ArrowCopyError, KdstoreError, StorageError
 from kdstore.format import Manifest
 from kdstore.store import Store, open_store
+from kdstore.writer import temporary_name
 
 CACHE_DIR = "_cache/arrow"  # under the store folder
 SIDECAR_SUFFIX = ".sums.json"
@@ -107,7 +107,7 @@ def _convert_under_lock(store: Store, path: Path) -> None:
         if not _usable(store, path):
             _write_arrow_copy(store, path)
             for stale in path.parent.glob("store-*.arrow*"):
-                if stale not in (path, sidecar_path(path)) and ".tmp-" not in stale.name:
+                if stale not in (path, sidecar_path(path)) and not stale.name.endswith(".tmp"):
                     stale.unlink(missing_ok=True)
 
 
@@ -138,8 +138,7 @@ def _usable(store: Store, path: Path) -> bool:
 
 
 def _write_arrow_copy(store: Store, path: Path) -> None:
-    suffix = f".tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp, sums_tmp = path.with_name(path.name + suffix), sidecar_path(path).with_name(sidecar_path(path).name + suffix)
+    tmp, sums_tmp = temporary_name(path), temporary_name(sidecar_path(path))
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, store.schema) as writer:
             for table in store.iter_tables():

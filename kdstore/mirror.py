@@ -39,7 +39,7 @@ from kdstore.format import (
     partition_record_name,
     shard_name,
 )
-from kdstore.records import union_manifest
+from kdstore.records import refuse_if_different, union_manifest
 from kdstore.store import filesystem
 
 README_NAME = "README.md"
@@ -93,10 +93,7 @@ class RemoteMirror:
             found = self._read_json(source)
             if source == MANIFEST_NAME:
                 found["num_partitions"] = identity["num_partitions"]  # a finished store may be extended
-            different = [key for key in identity if found.get(key) != identity[key]]
-            if different:
-                raise StoreMismatchError(f"{self.url}/{source} holds a store with a different {', '.join(different)} "
-                                         "than this build")
+            refuse_if_different({key: found.get(key) for key in identity}, identity, f"{self.url}/{source}")
 
     def adopt(self, partition: int) -> list[ShardInfo]:
         """The shards of ``partition`` already uploaded whole, in order (a prefix of its rows)."""

@@ -63,13 +63,18 @@ def read_record(path: Path) -> dict[str, Any]:
 _ABSENT = "(absent)"
 
 
-def refuse_if_different(found: dict[str, Any], wanted: dict[str, Any], source: Path,
+def refuse_if_different(found: dict[str, Any], wanted: dict[str, Any], source: Path | str,
                          sides: tuple[str, str] = ("the store", "this build")) -> None:
-    """StoreMismatchError naming, for each differing key, the first differing field and its value on both sides."""
+    """StoreMismatchError naming, for each differing key, the first differing field and its value on both sides.
+
+    ``source``: the record's local path, or its URL (a string, so that ``s3://`` keeps its two slashes)."""
     different = [key for key in wanted if found.get(key) != wanted[key]]
     if different:
         details = "; ".join(first_difference(found.get(key), wanted[key], key, sides) for key in different)
-        where = source.parent if source.name == MANIFEST_NAME else source
+        if isinstance(source, str):
+            where = source.removesuffix(f"/{MANIFEST_NAME}")
+        else:
+            where = source.parent if source.name == MANIFEST_NAME else source
         raise StoreMismatchError(f"{where} holds a store with a different {', '.join(different)} than this build: "
                                  f"{details}")
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,7 @@ from kdstore.errors import (
     StorageError,
     StoreNotFoundError,
     UnsafeFileError,
+    VerifyError,
 )
 from kdstore.format import (
     MANIFEST_NAME,
@@ -49,8 +52,9 @@ from kdstore.format import (
     ShardInfo,
     logits_schema,
     safe_relative_path,
+    sha256_named_files,
 )
-from kdstore.integrity import RangeReader, VerifiedShardFile, shard_checksums
+from kdstore.integrity import RangeReader, VerifiedShardFile, local_reader, shard_checksums
 
 HASH_CHUNK_BYTES = 4 << 20  # a whole-file sha256 reads this much at a time
 
@@ -204,6 +208,42 @@ class Store:
         path = Path(self.root) / TOKENIZER_DIR if self.is_local else None
         return path if path is not None and path.is_dir() else None
 
+    @contextmanager
+    def local_tokenizer(self) -> Iterator[Path | None]:
+        """The tokenizer files the manifest lists, in a local folder and checked against its ``files_sha256``:
+        STORE/tokenizer/, or a temporary copy of a remote store's. None when the manifest lists none (then
+        STORE/tokenizer/ as it is, if there is one). VerifyError when the files are not the recorded ones."""
+        listed = self.manifest.tokenizer.get("files") or []
+        if not listed:
+            yield self.tokenizer_path
+            return
+        if self.is_local:
+            for name in listed:
+                self.file_path(name)  # a symbolic link or a path outside the store is refused
+            self._check_tokenizer(Path(self.root) / TOKENIZER_DIR)
+            yield Path(self.root) / TOKENIZER_DIR
+            return
+        with tempfile.TemporaryDirectory(prefix="kdstore-tokenizer-") as scratch:
+            for name in listed:
+                try:
+                    data = self.fs.cat_file(self.file_path(name))
+                except FileNotFoundError:
+                    raise VerifyError(f"the tokenizer files of {self.location}: {name} is missing") from None
+                (Path(scratch) / Path(name).name).write_bytes(data)
+            self._check_tokenizer(Path(scratch))
+            yield Path(scratch)
+
+    def _check_tokenizer(self, folder: Path) -> None:
+        """VerifyError unless ``folder`` holds exactly the listed tokenizer files, hashed as the build hashed them."""
+        where = f"{self.location}/{TOKENIZER_DIR}"
+        wanted = sorted(Path(name).name for name in self.manifest.tokenizer.get("files") or [])
+        found = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+        if found != wanted:
+            raise VerifyError(f"the tokenizer files in {where} are {found or 'none'}; the manifest lists {wanted}")
+        recorded = self.manifest.tokenizer.get("files_sha256")
+        if recorded is not None and sha256_named_files([folder / name for name in wanted]) != recorded:
+            raise VerifyError(f"the tokenizer files in {where} do not match the manifest's files_sha256")
+
     def summary(self) -> dict[str, Any]:
         """What ``kdstore info`` prints."""
         m = self.manifest
@@ -244,13 +284,11 @@ class Store:
 
     def _reader(self, shard: ShardInfo) -> RangeReader:
         path, fs, location = self.file_path(shard.path), self.fs, self.location
+        ranged = local_reader(path) if self.is_local else lambda start, end: fs.cat_file(path, start=start, end=end)
 
         def read(start: int, end: int) -> bytes:
             try:
-                if self.is_local:
-                    with open(path, "rb") as handle:
-                        return os.pread(handle.fileno(), end - start, start)
-                return fs.cat_file(path, start=start, end=end)
+                return ranged(start, end)
             except FileNotFoundError:
                 raise ShardMissingError(f"shard {shard.path} listed in the manifest is missing from {location}") from None
             except OSError as exc:

@@ -21,18 +21,17 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from kdstore.errors import ChecksumError, KdstoreError, StorageError, StoreMismatchError
-from kdstore.format import MANIFEST_NAME, TOKENIZER_DIR, Manifest, safe_relative_path
+from kdstore.errors import ChecksumError, KdstoreError, StorageError, StoreMismatchError, VerifyError
+from kdstore.format import MANIFEST_NAME, Manifest, safe_relative_path
 from kdstore.records import first_difference
 from kdstore.store import HASH_CHUNK_BYTES, Store, filesystem, is_local_filesystem, open_store
+from kdstore.writer import ShardWriter, temporary_name, write_atomic
 
 README_NAME = "README.md"
 
@@ -73,7 +72,7 @@ def copy_store(source: str | os.PathLike[str] | Store, target: str | os.PathLike
             continue
         result.num_bytes_copied += _copy_file(store, relative, fs, target_path, sha256, str(target))
         result.num_files_copied += 1
-    _check_tokenizer_files(store, fs, root, str(target))
+    _check_tokenizer_files(store, fs, root, str(target), target_options)
     _write_file(fs, f"{root}/{MANIFEST_NAME}", store.manifest.to_json().encode())
     return result
 
@@ -126,7 +125,7 @@ def _copy_file(store: Store, relative: str, fs: Any, target_path: str, sha256: s
     """Stream one file from the store to ``target_path``; check the source and the arrival against ``sha256``."""
     digest, size = hashlib.sha256(), 0
     local = is_local_filesystem(fs)
-    write_path = f"{target_path}.{os.getpid()}-{secrets.token_hex(4)}.tmp" if local else target_path
+    write_path = str(temporary_name(Path(target_path))) if local else target_path  # an object appears whole
     fs.makedirs(target_path.rsplit("/", 1)[0], exist_ok=True)
     try:
         with store.fs.open(store.file_path(relative), "rb") as reading, fs.open(write_path, "wb") as writing:
@@ -149,26 +148,19 @@ def _copy_file(store: Store, relative: str, fs: Any, target_path: str, sha256: s
     return size
 
 
-def _check_tokenizer_files(store: Store, fs: Any, root: str, target: str) -> None:
-    """The copied tokenizer files, hashed as the build hashed them (name + NUL + bytes, in name order)."""
-    from kdstore.format import sha256_named_files
-
-    names = sorted(store.manifest.tokenizer.get("files") or [], key=lambda n: Path(n).name)
-    if not names or not store.manifest.tokenizer.get("files_sha256"):
-        return
-    with tempfile.TemporaryDirectory() as scratch:
-        for name in names:
-            fs.get_file(f"{root}/{safe_relative_path(name)}", str(Path(scratch, Path(name).name)))
-        if sha256_named_files(sorted(Path(scratch).iterdir())) != store.manifest.tokenizer["files_sha256"]:
-            raise ChecksumError(f"the tokenizer files copied to {target}/{TOKENIZER_DIR} do not match the manifest's "
-                                "files_sha256", hint="restore the source store's tokenizer/ folder, then copy again")
+def _check_tokenizer_files(store: Store, fs: Any, root: str, target: str, target_options: dict[str, Any] | None) -> None:
+    """The copied tokenizer files, read back from the target and checked as any store's (Store.local_tokenizer)."""
+    arrived = Store(target, store.manifest, None if is_local_filesystem(fs) else dict(target_options or {}), root, fs)
+    try:
+        with arrived.local_tokenizer():
+            pass
+    except VerifyError as exc:
+        raise ChecksumError(str(exc), hint="restore the source store's tokenizer/ folder, then copy again") from None
 
 
 def _write_file(fs: Any, path: str, data: bytes) -> None:
     if is_local_filesystem(fs):
-        from kdstore.writer import write_atomic
-
-        write_atomic(Path(path), data.decode())
+        write_atomic(Path(path), data)
     else:
         fs.pipe_file(path, data)
 
@@ -184,8 +176,6 @@ def _remove(fs: Any, path: str) -> None:
 def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[str],
                  storage_options: dict[str, Any] | None = None) -> MergeResult:
     """Merge stores with the same table, teacher, tokenizer, codec and columns into a new local store ``out``."""
-    from kdstore.writer import ShardWriter
-
     if len(sources) < 2:
         raise KdstoreError("merge needs at least two stores", hint="kdstore merge STORE_A STORE_B ... --out MERGED")
     if "://" in str(out):
@@ -207,8 +197,7 @@ def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[s
     manifest = Manifest(table=first.manifest.table, teacher=first.manifest.teacher, tokenizer=first.manifest.tokenizer,
                         codec=first.manifest.codec, build={"merged_from": parts})
     seen: set[str] = set()
-    with tempfile.TemporaryDirectory() as scratch, \
-            ShardWriter(out, manifest, first.schema, tokenizer_dir=_local_tokenizer(first, Path(scratch))) as writer:
+    with first.local_tokenizer() as tokenizer, ShardWriter(out, manifest, first.schema, tokenizer_dir=tokenizer) as writer:
         for store in stores:
             kept = 0
             for table in store.iter_tables():
@@ -219,15 +208,6 @@ def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[s
             result.per_store.append({"location": store.location, "num_sequences": kept})
     result.num_sequences = len(seen)
     return result
-
-
-def _local_tokenizer(store: Store, scratch: Path) -> Path | None:
-    """The store's tokenizer folder on this machine: its own, or its files fetched into ``scratch``."""
-    if store.tokenizer_path is not None or not store.manifest.tokenizer.get("files"):
-        return store.tokenizer_path
-    for name in store.manifest.tokenizer["files"]:
-        store.fs.get_file(store.file_path(name), str(scratch / Path(name).name))
-    return scratch
 
 
 def _new_rows(table: pa.Table, seen: set[str]) -> tuple[pa.Table, int]:

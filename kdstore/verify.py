@@ -23,7 +23,6 @@ Row invariants (vectorised over a row group):
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,7 +31,6 @@ import pyarrow as pa
 from kdstore.arrow_copy import ArrowCopy, copy_path, sidecar_path
 from kdstore.codec import CodecConfig, sum_check_tolerance
 from kdstore.errors import KdstoreError
-from kdstore.format import TOKENIZER_DIR, sha256_named_files
 from kdstore.store import Store, StoredRows
 
 MAX_EXAMPLES = 3  # rows named per failed check, so a broken store does not flood the terminal
@@ -55,22 +53,12 @@ def verify_store(store: Store) -> list[str]:
 
 
 def _tokenizer_problems(store: Store) -> list[str]:
-    """The tokenizer files the manifest lists, against its files_sha256 (local stores)."""
-    recorded = store.manifest.tokenizer
-    listed = recorded.get("files")
-    if not listed or store.local_root is None:
-        return []
-    folder = store.local_root / TOKENIZER_DIR
+    """The tokenizer files the manifest lists, against its files_sha256 (Store.local_tokenizer checks them)."""
     try:
-        paths = [Path(store.file_path(name)) for name in listed]
+        with store.local_tokenizer():
+            return []
     except KdstoreError as exc:
         return [str(exc)]
-    found = sorted(p.name for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    if found != sorted(p.name for p in paths):
-        return [f"tokenizer: {folder} holds {found or 'no files'}, the manifest lists {sorted(p.name for p in paths)}"]
-    if sha256_named_files(sorted(paths)) != recorded.get("files_sha256"):
-        return [f"tokenizer: the files in {folder} do not match files_sha256 in the manifest"]
-    return []
 
 
 def _arrow_copy_problems(store: Store) -> list[str]:

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kdstore.errors import TokenizerError, TokenizerMismatchError, VerifyError
+from kdstore.errors import TokenizerError, TokenizerMismatchError
 from kdstore.format import sha256_named_files
 from kdstore.store import Store, open_store
 
@@ -308,35 +308,15 @@ def _load_tokenizer(folder: Path, what: str) -> Any:
 
 @contextmanager
 def _store_tokenizer_folder(store: Store) -> Iterator[Path]:
-    """The store's tokenizer files in a local folder (STORE/tokenizer/, or a temporary copy of a remote store's),
-    checked against the manifest's files_sha256 when it records one."""
+    """The store's tokenizer files in a local folder, checked against the manifest (Store.local_tokenizer)."""
     listed = store.manifest.tokenizer.get("files") or []
     if store.tokenizer_path is None and (store.is_local or not listed):
         raise TokenizerError(
             f"the store {store.location} has no tokenizer/ folder: its tokenizer was not saved with it",
             hint="rebuild it with `kdstore build`, which saves the teacher's tokenizer in STORE/tokenizer/; a store "
                  "written with ShardWriter needs tokenizer_dir= and manifest.tokenizer from kdstore.build.tokenizer_info")
-    if store.tokenizer_path is not None:
-        _check_files(store, [Path(store.file_path(name)) for name in listed], store.tokenizer_path)
-        yield store.tokenizer_path
-        return
-    with tempfile.TemporaryDirectory(prefix="kdstore-tokenizer-") as scratch:
-        for name in listed:
-            (Path(scratch) / Path(name).name).write_bytes(store.fs.cat_file(store.file_path(name)))
-        _check_files(store, sorted(Path(scratch).iterdir()), Path(scratch))
-        yield Path(scratch)
-
-
-def _check_files(store: Store, paths: list[Path], folder: Path) -> None:
-    recorded = store.manifest.tokenizer.get("files_sha256")
-    if not paths or recorded is None:
-        return
-    try:
-        found = sha256_named_files(sorted(paths))
-    except OSError:
-        found = None
-    if found != recorded:
-        raise VerifyError(f"the tokenizer files in {folder} do not match the manifest of {store.location}")
+    with store.local_tokenizer() as folder:
+        yield folder
 
 
 def _recorded_sha256(store: Store, folder: Path) -> str:
