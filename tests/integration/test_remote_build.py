@@ -76,16 +76,19 @@ def test_two_partitions_built_apart_write_one_s3_store(s3, setup, tmp_path):
 def test_a_build_killed_while_uploading_resumes_to_the_uninterrupted_store(s3, setup, tmp_path):
     fs, options = s3
     corpus, config, local = setup
-    url = f"s3://{S3_BUCKET}/{tmp_path.name}"
-    command = [sys.executable, "-m", "kdstore.cli.main", "build", str(corpus), "--config", str(config), "--out", url,
-               *_flags(options)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first_record = f"{url[5:]}/_partitions/part-00000/shard-000000.json"
-    deadline = time.monotonic() + 120
-    while not fs.exists(first_record) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-        fs.invalidate_cache()
-    assert process.poll() is None, "the build finished before it could be killed"
+    for attempt in range(5):  # on a busy machine a build may finish between two polls: start again, elsewhere
+        url = f"s3://{S3_BUCKET}/{tmp_path.name}-{attempt}"
+        command = [sys.executable, "-m", "kdstore.cli.main", "build", str(corpus), "--config", str(config), "--out",
+                   url, *_flags(options)]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        first_record = f"{url[5:]}/_partitions/part-00000/shard-000000.json"
+        deadline = time.monotonic() + 120
+        while not fs.exists(first_record) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+            fs.invalidate_cache()
+        if process.poll() is None:
+            break
+    assert process.poll() is None, "the build finished before it could be killed, 5 times"
     process.send_signal(signal.SIGKILL)  # one shard is up, the next is being written or uploaded
     process.wait()
     fs.invalidate_cache()
