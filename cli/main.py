@@ -48,10 +48,10 @@ storage_option = click.option(
     help="fsspec option for a remote STORE (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")
 
 
-def _options(pairs: tuple[str, ...]) -> dict[str, str] | None:
-    """--storage-option KEY=VALUE pairs -> a dict (None when there are none)."""
+def _options(pairs: tuple[str, ...], flag: str = "--storage-option") -> dict[str, str] | None:
+    """``flag`` KEY=VALUE pairs -> a dict (None when there are none)."""
     if any("=" not in pair or pair.startswith("=") for pair in pairs):
-        raise click.BadParameter("each --storage-option is KEY=VALUE", param_hint="--storage-option")
+        raise click.BadParameter(f"each {flag} is KEY=VALUE", param_hint=flag)
     return dict(pair.split("=", 1) for pair in pairs) or None
 
 
@@ -272,7 +272,8 @@ def copy(source: str, target: str, source_options: tuple[str, ...], target_optio
     """
     from kdstore.transfer import copy_store
 
-    result = copy_store(source, target, _options(source_options), _options(target_options))
+    result = copy_store(source, target, _options(source_options, "--source-option"),
+                        _options(target_options, "--target-option"))
     click.echo(f"copied {result.num_files_copied} file(s), {result.num_bytes_copied:,} bytes; "
                f"{result.num_files_present} already there; {target} is complete")
 

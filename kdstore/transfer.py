@@ -62,19 +62,34 @@ def copy_store(source: str | os.PathLike[str] | Store, target: str | os.PathLike
     extra = list(store.manifest.tokenizer.get("files") or []) + _readme(store)
     _refuse_other_content(fs, root, str(target), store, set(expected) | set(extra))
     result = CopyResult(str(target))
-    for relative in list(expected) + extra:
-        size, sha256 = expected.get(relative, (None, None))
-        target_path = f"{root}/{safe_relative_path(relative)}"
-        if sha256 is None:  # the card: small, not in the manifest, compared byte for byte
-            size, sha256 = _size_and_sha256(store.fs, store.file_path(relative))
-        if _whole(fs, target_path, size, sha256):
-            result.num_files_present += 1
-            continue
-        result.num_bytes_copied += _copy_file(store, relative, fs, target_path, sha256, str(target))
-        result.num_files_copied += 1
+    root_existed = is_local_filesystem(fs) and os.path.exists(root)
+    try:
+        for relative in list(expected) + extra:
+            size, sha256 = expected.get(relative, (None, None))
+            target_path = f"{root}/{safe_relative_path(relative)}"
+            if sha256 is None:  # the card: small, not in the manifest, compared byte for byte
+                size, sha256 = _size_and_sha256(store.fs, store.file_path(relative))
+            if _whole(fs, target_path, size, sha256):
+                result.num_files_present += 1
+                continue
+            result.num_bytes_copied += _copy_file(store, relative, fs, target_path, sha256, str(target))
+            result.num_files_copied += 1
+    except BaseException:
+        if is_local_filesystem(fs):  # whole files stay for a resume; folders left empty go
+            _remove_empty_folders(Path(root), keep_root=root_existed)
+        raise
     _check_tokenizer_files(store, fs, root, str(target), target_options)
     _write_file(fs, f"{root}/{MANIFEST_NAME}", store.manifest.to_json().encode())
     return result
+
+
+def _remove_empty_folders(root: Path, keep_root: bool) -> None:
+    """Remove the folders under ``root`` (and ``root`` unless ``keep_root``) that hold nothing, deepest first."""
+    for folder in sorted((p for p in root.rglob("*") if p.is_dir()), key=lambda p: len(p.parts), reverse=True):
+        if not any(folder.iterdir()):
+            folder.rmdir()
+    if not keep_root and root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def _readme(store: Store) -> list[str]:

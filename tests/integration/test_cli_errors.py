@@ -428,6 +428,86 @@ def _(w: World) -> Call:
     return export_call(w, expect=("--format",), exit_code=2)
 
 
+# -- copy and merge ---------------------------------------------------------------------------------------------
+@case("copy-source-does-not-exist")
+def _(w: World) -> Call:
+    return Call(["copy", str(w.tmp / "nosuch"), str(w.tmp / "copied")], expect=(str(w.tmp / "nosuch"), "does not exist"),
+                new=w.tmp / "copied")
+
+
+@case("copy-source-is-not-a-store")
+def _(w: World) -> Call:
+    w.write("photos/cat.jpg", b"\xff\xd8")
+    return Call(["copy", str(w.tmp / "photos"), str(w.tmp / "copied")], expect=("photos", "manifest.json"),
+                new=w.tmp / "copied")
+
+
+@case("copy-target-holds-the-users-files")
+def _(w: World) -> Call:
+    w.write("thesis/chapter1.tex", "\\chapter{One}\n")
+    return Call(["copy", str(w.store()), str(w.tmp / "thesis")], expect=(str(w.tmp / "thesis"), "chapter1.tex"))
+
+
+@case("copy-target-is-another-store")
+def _(w: World) -> Call:
+    other = write_store(w.tmp / "other", CodecConfig(k=4, vocab_size=300), num_sequences=2)
+    return Call(["copy", str(w.store()), str(other)], expect=(str(other), "another store"))
+
+
+@case("copy-source-shard-damaged")
+def _(w: World) -> Call:
+    store = w.store()
+    shard = sorted((store / "shards").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    return Call(["copy", str(store), str(w.tmp / "copied")], expect=(shard.name, "sha256"), new=w.tmp / "copied")
+
+
+@case("copy-target-option-without-equals")
+def _(w: World) -> Call:
+    return Call(["copy", str(w.store()), str(w.tmp / "copied"), "--target-option", "endpoint_url"],
+                expect=("--target-option", "KEY=VALUE"), refuse=("--storage-option",), exit_code=2)
+
+
+@case("copy-s3-url-without-s3fs")
+def _(w: World) -> Call:
+    return Call(["copy", str(w.store()), "s3://bucket/x"], expect=("s3://bucket/x", "pip install s3fs"),
+                refuse=("s3:/bucket",), without_s3fs=True)
+
+
+@case("merge-a-single-store")
+def _(w: World) -> Call:
+    return Call(["merge", str(w.store()), "--out", str(w.tmp / "merged")], expect=("at least two",), new=w.tmp / "merged")
+
+
+@case("merge-stores-of-another-codec")
+def _(w: World) -> Call:
+    other = write_store(w.tmp / "other", CodecConfig(k=4, vocab_size=300), num_sequences=2)
+    return Call(["merge", str(w.store()), str(other), "--out", str(w.tmp / "merged")],
+                expect=("codec.k is 4", "8 in"), new=w.tmp / "merged")
+
+
+@case("merge-a-store-that-does-not-exist")
+def _(w: World) -> Call:
+    return Call(["merge", str(w.store()), str(w.tmp / "nosuch"), "--out", str(w.tmp / "merged")],
+                expect=(str(w.tmp / "nosuch"), "does not exist"), new=w.tmp / "merged")
+
+
+@case("merge-out-is-a-url")
+def _(w: World) -> Call:
+    other = write_store(w.tmp / "other", CodecConfig(k=8, vocab_size=300), num_sequences=2, seed=3)
+    return Call(["merge", str(w.store()), str(other), "--out", "s3://bucket/merged"], expect=("s3://bucket/merged", "local"))
+
+
+@case("merge-out-holds-the-users-files")
+def _(w: World) -> Call:
+    w.write("thesis/chapter1.tex", "\\chapter{One}\n")
+    other = write_store(w.tmp / "other", CodecConfig(k=8, vocab_size=300), num_sequences=2, seed=3)
+    return Call(["merge", str(w.store()), str(other), "--out", str(w.tmp / "thesis")],
+                expect=(str(w.tmp / "thesis"), "not empty"))
+
+
 @case("export-format-bogus")
 def _(w: World) -> Call:
     return export_call(w, "--format", "torchtune", expect=("--format", "torchtune"), exit_code=2)
