@@ -32,7 +32,11 @@ from kdstore.codec import CodecConfig
 from kdstore.errors import FormatVersionError, ManifestError
 
 FORMAT_NAME = "kdstore"
-FORMAT_VERSION = 2  # 2: shards list footer_sha256 and row_group_sha256 (version 1 stores are read, checked whole)
+# The newest version this kdstore reads. A writer records the lowest version that describes what it wrote:
+# 2: shards list footer_sha256 and row_group_sha256 (version 1 stores are read, checked whole);
+# 3: generations tables (revised schema), score files beside the shards, selection views over a parent store.
+FORMAT_VERSION = 3
+LOGITS_FORMAT_VERSION = 2  # a plain logits store needs nothing newer
 MANIFEST_NAME = "manifest.json"
 SHARD_DIR = "shards"
 PARTITION_DIR = "_partitions"
@@ -163,7 +167,7 @@ class Manifest:
     shards: list[ShardInfo] = field(default_factory=list)
     columns: list[str] = field(default_factory=list)
     num_partitions: int = 1
-    format_version: int = FORMAT_VERSION
+    format_version: int = LOGITS_FORMAT_VERSION
     kdstore_version: str = ""
     created_at: str = ""
 

@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 
-from kdstore.format import FORMAT_VERSION
+from kdstore.format import LOGITS_FORMAT_VERSION
 from kdstore.store import open_store
 
 
@@ -76,7 +76,7 @@ def test_a_lone_shard_says_what_it_is_in_its_footer(store_path):
     manifest, _, _ = _manifest(store_path)
     metadata = pq.read_metadata(store_path / manifest["shards"][0]["path"]).metadata
     essentials = json.loads(metadata[b"kdstore"])
-    assert essentials["format_version"] == manifest["format_version"] == FORMAT_VERSION
+    assert essentials["format_version"] == manifest["format_version"] == LOGITS_FORMAT_VERSION
     assert essentials["codec"] == manifest["codec"]
     assert essentials["teacher"] == manifest["teacher"] and essentials["tokenizer"] == manifest["tokenizer"]
 
