@@ -49,7 +49,7 @@ from kdstore.teacher import (
     teacher_logits_chunks,
     to_device,
 )
-from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
+from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, DEFAULT_ZSTD_LEVEL, ShardWriter
 
 ASSETS = Path(__file__).with_name("assets")
 DEFAULT_TEACHER = str(ASSETS / "teacher")
@@ -89,6 +89,10 @@ class BuildConfig:
     # uncompressed Arrow bytes per Parquet row group (kdstore/writer.py: 1 MiB gives the bundled demo store 26 row
     # groups); a loader needs at least one row group per rank, so small stores read by many ranks want less
     row_group_bytes: Annotated[int, Field(ge=1)] = DEFAULT_ROW_GROUP_BYTES
+    # zstd level of the shards; readers need no setting, so it is not recorded. One thread compresses a partition's
+    # shards: at K=64 it wrote ~190-250k tokens/s at level 9 and ~3x that at level 3 for 3 % more bytes on the
+    # development CPU (benchmarks/build.py; docs/build.md "Host path")
+    zstd_level: Annotated[int, Field(ge=1, le=22)] = DEFAULT_ZSTD_LEVEL
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -179,6 +183,7 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None) ->
         writer = ShardWriter(staging if mirror else config.out, manifest, schema, partition=config.partition,
                              num_partitions=config.num_partitions, shard_bytes=config.shard_bytes,
                              row_group_bytes=min(config.row_group_bytes, config.shard_bytes), tokenizer_dir=scratch,
+                             zstd_level=config.zstd_level,
                              mirror=mirror)
         compute_started = time.perf_counter()
         try:

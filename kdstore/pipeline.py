@@ -63,11 +63,18 @@ class _UnitEnd:
 def batch_table(codec: CodecConfig, schema: pa.Schema, sequences: Sequence[Any], arrays: dict[str, np.ndarray]) -> pa.Table:
     """Rows of ``sequences`` (objects with ``sequence_id`` and ``input_ids``) from their positions' sparse arrays
     (``SparseBatch``'s layout, host numpy) -> a Table in ``schema``, rows in the order given."""
+    columns = encode_positions(codec, arrays["topk_ids"], arrays["topk_logprobs"], arrays.get("tail_logmass"),
+                               arrays.get("target_logprob"), arrays.get("sampled_ids"), arrays.get("sampled_counts"))
+    return assemble_table(codec, schema, sequences, columns, arrays.get("target_logprob"))
+
+
+def assemble_table(codec: CodecConfig, schema: pa.Schema, sequences: Sequence[Any], columns: dict[str, np.ndarray],
+                   target: np.ndarray | None) -> pa.Table:
+    """``batch_table`` after encoding: the flat stored ``columns`` of all positions (``encode_positions``) and the
+    float ``target`` log-probs (for ``teacher_score``) -> one Arrow row per sequence, from offsets."""
     lengths = np.fromiter((len(s.input_ids) for s in sequences), dtype=np.int64, count=len(sequences))
     positions = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths - 1, out=positions[1:])
-    columns = encode_positions(codec, arrays["topk_ids"], arrays["topk_logprobs"], arrays.get("tail_logmass"),
-                               arrays.get("target_logprob"), arrays.get("sampled_ids"), arrays.get("sampled_counts"))
     tokens = np.zeros(len(sequences) + 1, dtype=np.int64)
     np.cumsum(lengths, out=tokens[1:])
     offsets = {"input_ids": tokens, "topk_id_deltas": positions * codec.k, "topk_logprob_codes": positions * codec.k,
@@ -77,7 +84,6 @@ def batch_table(codec: CodecConfig, schema: pa.Schema, sequences: Sequence[Any],
         np.cumsum(columns["sampled_num_ids"], out=entries[1:])
         offsets["sampled_id_deltas"] = offsets["sampled_counts"] = entries[positions]
     values = {"input_ids": np.concatenate([s.input_ids for s in sequences]) if len(sequences) else np.zeros(0), **columns}
-    target = arrays.get("target_logprob")
     out = []
     for field in schema:
         if field.name == "sequence_id":
@@ -91,6 +97,13 @@ def batch_table(codec: CodecConfig, schema: pa.Schema, sequences: Sequence[Any],
         else:
             raise KdstoreError(f"the build does not produce column {field.name!r} of its schema")
     return pa.Table.from_arrays(out, schema=schema)
+
+
+def unit_rows(parts: Sequence[tuple[np.ndarray, pa.Table]], skip: int = 0) -> pa.Table:
+    """A work unit's batch tables, each with the unit indices of its rows -> the unit's rows in sequence order,
+    less the first ``skip`` (one Arrow ``take``: no per-row Python)."""
+    order = np.argsort(np.concatenate([indices for indices, _ in parts]), kind="stable")
+    return pa.concat_tables([table for _, table in parts]).take(order).slice(skip)
 
 
 def check_finite(arrays: dict[str, np.ndarray], sequences: Sequence[Any]) -> None:
@@ -160,9 +173,7 @@ class HostPipeline:
 
     def _encode_item(self, item: Any) -> None:
         if isinstance(item, _UnitEnd):
-            order = np.argsort(np.concatenate([indices for indices, _ in self._unit]), kind="stable")
-            table = pa.concat_tables([table for _, table in self._unit]).take(order).slice(item.skip)
-            self._unit = []
+            table, self._unit = unit_rows(self._unit, item.skip), []
             if table.num_rows:
                 self._write.put(table, self._raise_if_write_failed)
             return

@@ -771,6 +771,12 @@ def _(w: World) -> Call:
     return build_call(w, "--config", str(toml), seq_len=False, expect=('seq_len = "abc"', "integer"))
 
 
+@case("build-config-zstd-level-out-of-range")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", "zstd_level = 30\n")
+    return build_call(w, "--config", str(toml), expect=("zstd_level", "22"))
+
+
 @case("build-config-trust-remote-code")
 def _(w: World) -> Call:
     toml = w.write("build.toml", "trust_remote_code = true\n")
