@@ -864,6 +864,16 @@ def _(w: World) -> Call:
     return train_call(w, "--steps", "0", expect=("steps = 0", ">= 1"))
 
 
+@case("train-grad-accum-0")
+def _(w: World) -> Call:
+    return train_call(w, "--grad-accum", "0", expect=("grad_accum = 0", ">= 1"))
+
+
+@case("train-precision-bogus")
+def _(w: World) -> Call:
+    return train_call(w, "--precision", "fp8", expect=("--precision", "fp8"), exit_code=2)
+
+
 @case("train-steps-negative")
 def _(w: World) -> Call:
     return train_call(w, "--steps", "-5", expect=("steps = -5", ">= 1"))
