@@ -109,7 +109,8 @@ def bare_forward(config: BuildConfig, chunked_head: bool = False) -> tuple[float
     return seconds, num_tokens
 
 
-def compare(name: str, config: BuildConfig) -> None:
+def compare(name: str, config: BuildConfig) -> dict[str, float]:
+    """Tokens/s of (a), (a') and (b) over the same batches, printed as one line and returned."""
     bare_forward(config, chunked_head=True)  # warm-up: the first batch of each shape costs several times the next
     bare_seconds, bare_tokens = bare_forward(config)
     chunked_seconds, _ = bare_forward(config, chunked_head=True)
@@ -121,6 +122,7 @@ def compare(name: str, config: BuildConfig) -> None:
           f"(a') decoder + chunked head {chunked_rate:>9,.0f} tok/s | (b) build {build_rate:>9,.0f} tok/s | "
           f"b/a {build_rate / bare_rate:.3f} | b/a' {build_rate / chunked_rate:.3f} | "
           f"{result.num_tokens} tokens, teacher load {result.seconds - result.compute_seconds:.1f} s")
+    return {"bare": bare_rate, "chunked": chunked_rate, "build": build_rate, "tokens": result.num_tokens}
 
 
 def precomputed_units(config: BuildConfig, repeat: int) -> tuple[CodecConfig, list[tuple[list, list]]]:
