@@ -266,7 +266,9 @@ class HostCopy:
         if device.type != "cuda":
             self._host = {name: t.cpu() for name, t in tensors.items()}
             return
-        stream = _COPY_STREAMS.setdefault(device, torch.cuda.Stream(device))
+        if device not in _COPY_STREAMS:
+            _COPY_STREAMS[device] = torch.cuda.Stream(device)
+        stream = _COPY_STREAMS[device]
         stream.wait_stream(torch.cuda.current_stream(device))
         self._host = {}
         with torch.cuda.stream(stream):
