@@ -7,12 +7,15 @@ code as a build) and the same length-sorted batches:
   (a) bare forward: model(input_ids, attention_mask).logits, nothing else;
   (a') the forward work a build cannot avoid: the decoder, then the output head
       over the build's position chunks (never the whole [B, T, V] at once);
+  (a'') (a') plus the device-side top-K, log-sum-exp, tail and target
+      (kdstore.teacher.sparsify), left on the device: all a build does before its host path;
   (b) full build: kdstore.build.build() into a fresh store (teacher forward,
-      device-side top-K/tail/target, background encode + Parquet write),
+      device-side top-K/tail/target, then the host path: copy, encode, Parquet write),
       timed from the first unit to the closed store (teacher loading excluded,
       reported separately).
-It prints tokens/s of each, (b)/(a) and (b)/(a'): (b)/(a') is the cost of
-top-K, tail, target, encoding and writing on top of the forward itself. "100m" is a randomly initialised
+It prints tokens/s of each and (b)/(a), (b)/(a'), (b)/(a''): (b)/(a'') is what the host path costs the
+device; (b)/(a') adds top-K, tail and target. Before timing (a), every batch shape is run once: the first
+pass over new shapes ran several times slower on the CPU. "100m" is a randomly initialised
 ~100M-parameter Llama with a 131,072-token vocabulary, saved and loaded with
 save_pretrained / from_pretrained like a real teacher.
 Host path (on by default; --no-stages skips it): the stages after the device-side top-K, each timed alone on
@@ -68,7 +71,7 @@ def make_100m_teacher(folder: Path) -> Path:
     return folder
 
 
-def bare_forward(config: BuildConfig, chunked_head: bool = False) -> tuple[float, int]:
+def bare_forward(config: BuildConfig, chunked_head: bool = False, top_k: bool = False) -> tuple[float, int]:
     """Seconds and tokens of the teacher forward alone over the build's sequences and batches.
 
     ``chunked_head=False``: model(...).logits, the usual full [B, T, V] forward.
@@ -77,7 +80,7 @@ def bare_forward(config: BuildConfig, chunked_head: bool = False) -> tuple[float
     """
     from transformers import AutoTokenizer
 
-    from kdstore.teacher import teacher_logits_chunks
+    from kdstore.teacher import sparsify, teacher_logits_chunks
 
     teacher = load_teacher(config.teacher, config.dtype, config.device)  # as the build loads it
     model, device = teacher.model, teacher.device
@@ -97,7 +100,9 @@ def bare_forward(config: BuildConfig, chunked_head: bool = False) -> tuple[float
                 ids, mask = ids.to(device), mask.to(device)
                 start = time.perf_counter()
                 if chunked_head:
-                    for _, _, logits in teacher_logits_chunks(teacher, ids, mask):
+                    for r, p, logits in teacher_logits_chunks(teacher, ids, mask):
+                        if top_k:  # (a''): the device-side top-K, tail and target too, left on the device
+                            sparsify(logits, ids[r, p + 1], config.k, overwrite=True)
                         del logits  # each chunk is made, then dropped: what the build's head costs
                 else:
                     logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
@@ -114,15 +119,18 @@ def compare(name: str, config: BuildConfig) -> dict[str, float]:
     bare_forward(config, chunked_head=True)  # warm-up: the first batch of each shape costs several times the next
     bare_seconds, bare_tokens = bare_forward(config)
     chunked_seconds, _ = bare_forward(config, chunked_head=True)
+    device_seconds, _ = bare_forward(config, chunked_head=True, top_k=True)
     shutil.rmtree(config.out, ignore_errors=True)
     result = build(config)
     bare_rate, chunked_rate = bare_tokens / bare_seconds, bare_tokens / chunked_seconds
-    build_rate = result.num_tokens / result.compute_seconds
+    device_rate, build_rate = bare_tokens / device_seconds, result.num_tokens / result.compute_seconds
     print(f"{name:>8} {config.dtype:>8} {str(config.device):>6} | (a) bare forward {bare_rate:>9,.0f} tok/s | "
-          f"(a') decoder + chunked head {chunked_rate:>9,.0f} tok/s | (b) build {build_rate:>9,.0f} tok/s | "
-          f"b/a {build_rate / bare_rate:.3f} | b/a' {build_rate / chunked_rate:.3f} | "
-          f"{result.num_tokens} tokens, teacher load {result.seconds - result.compute_seconds:.1f} s")
-    return {"bare": bare_rate, "chunked": chunked_rate, "build": build_rate, "tokens": result.num_tokens}
+          f"(a') decoder + chunked head {chunked_rate:>9,.0f} | (a'') + device-side top-K {device_rate:>9,.0f} | "
+          f"(b) build {build_rate:>9,.0f} | b/a {build_rate / bare_rate:.3f} | b/a' {build_rate / chunked_rate:.3f} | "
+          f"b/a'' {build_rate / device_rate:.3f} | {result.num_tokens} tokens, "
+          f"teacher load {result.seconds - result.compute_seconds:.1f} s")
+    return {"bare": bare_rate, "chunked": chunked_rate, "device": device_rate, "build": build_rate,
+            "tokens": result.num_tokens}
 
 
 def precomputed_units(config: BuildConfig, repeat: int) -> tuple[CodecConfig, list[tuple[list, list]]]:
