@@ -358,6 +358,9 @@ def export(store: str, export_format: str, out: str, temperature: float | None, 
 @click.option("--steps", type=int, default=None, help="Optimizer steps. [default: 1000]")
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch per rank. [default: 8]")
 @click.option("--lr", type=float, default=None, help="Peak AdamW learning rate. [default: 1e-3]")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step. [default: 1]")
+@click.option("--precision", type=click.Choice(["fp32", "bf16"]), default=None,
+              help="bf16: autocast the student's forward and loss (weights stay fp32). [default: fp32]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="train.toml; flags override it.")
 @click.option("--resume", is_flag=True, help="Continue the run in --out exactly where its checkpoint stopped.")
 @click.option("--quiet", is_flag=True, help="No progress bar and no per-step lines (RUN/metrics.jsonl has every step).")
@@ -376,6 +379,7 @@ def train(store: str, config_file: str | None, resume: bool, quiet: bool, storag
       kdstore train my-store --student preset:quarter --out run --steps 300
       kdstore train my-store --student student.json --out run --loss forward_kl --steps 2000
       kdstore train my-store --student student.json --out run --steps 2000 --resume
+      kdstore train my-store --student student.json --out run --precision bf16 --batch-size 16 --grad-accum 4
       torchrun --nproc-per-node 2 -m kdstore.cli.main train my-store --config train.toml
       kdstore train s3://bucket/store --student student.json --out run --storage-option endpoint_url=http://minio:9000
     """

@@ -8,8 +8,9 @@ written in order, so what a partition has committed is always a prefix of its
 rows: a rerun skips that prefix and recomputes only the unit it stopped in
 (batches are formed within a unit, so the recomputed rows are bit-identical).
 
-The teacher runs on the main thread; encoding and Parquet writing run on a
-background thread fed through a bounded queue, so the device does not wait on
+The teacher runs on the main thread; the copy of its sparse outputs to the
+host, their encoding and the Parquet writing run behind it (kdstore.pipeline:
+two threads fed through bounded queues), so the device does not wait on
 compression and memory stays flat.
 """
 
@@ -18,10 +19,9 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
-import queue
 import tempfile
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,24 +30,26 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from kdstore.codec import CodecConfig, encode_positions
+from kdstore.codec import CodecConfig
 from kdstore.config_file import check_config, read_toml_config
 from kdstore.corpus import CorpusConfig, CorpusStats, iter_units, partition_of, tokenize_unit
-from kdstore.errors import BuildError, KdstoreError
-from kdstore.format import PARTITION_DIR, Manifest, logits_schema, rows_to_table, sha256_named_files
+from kdstore.errors import BuildError
+from kdstore.format import PARTITION_DIR, Manifest, logits_schema, sha256_named_files
 from kdstore.mirror import RemoteMirror
+from kdstore.pipeline import HostPipeline, SparseBatch
 from kdstore.records import check_output_folder
 from kdstore.store import is_url
 from kdstore.teacher import (
+    HostCopy,
     Teacher,
     load_teacher,
     load_tokenizer,
     sample_sparse,
     sparsify,
     teacher_logits_chunks,
-    to_numpy,
+    to_device,
 )
-from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
+from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, DEFAULT_ZSTD_LEVEL, ShardWriter
 
 ASSETS = Path(__file__).with_name("assets")
 DEFAULT_TEACHER = str(ASSETS / "teacher")
@@ -87,6 +89,10 @@ class BuildConfig:
     # uncompressed Arrow bytes per Parquet row group (kdstore/writer.py: 1 MiB gives the bundled demo store 26 row
     # groups); a loader needs at least one row group per rank, so small stores read by many ranks want less
     row_group_bytes: Annotated[int, Field(ge=1)] = DEFAULT_ROW_GROUP_BYTES
+    # zstd level of the shards; readers need no setting, so it is not recorded. One thread compresses a partition's
+    # shards: at K=64 it wrote ~190-250k tokens/s at level 9 and ~3x that at level 3 for 3 % more bytes on the
+    # development CPU (benchmarks/build.py; docs/build.md "Host path")
+    zstd_level: Annotated[int, Field(ge=1, le=22)] = DEFAULT_ZSTD_LEVEL
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -177,10 +183,11 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None) ->
         writer = ShardWriter(staging if mirror else config.out, manifest, schema, partition=config.partition,
                              num_partitions=config.num_partitions, shard_bytes=config.shard_bytes,
                              row_group_bytes=min(config.row_group_bytes, config.shard_bytes), tokenizer_dir=scratch,
+                             zstd_level=config.zstd_level,
                              mirror=mirror)
         compute_started = time.perf_counter()
         try:
-            with writer, _BackgroundWriter(writer, codec, schema) as background:
+            with writer, HostPipeline(writer, codec, schema) as background:
                 _run_partition(config, num_units, teacher, tokenizer, writer, background, result)
         except OSError as exc:  # read-only folder, full disk, ...
             raise _write_error(config.out, exc) from None
@@ -209,7 +216,7 @@ def _write_error(out: str, exc: OSError) -> BuildError:
 
 
 def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokenizer: Any,
-                   writer: ShardWriter, background: _BackgroundWriter, result: BuildResult) -> None:
+                   writer: ShardWriter, background: HostPipeline, result: BuildResult) -> None:
     corpus_config = config.corpus_config()
     skip = writer.num_committed_rows
     progress = _progress(config, num_units)
@@ -222,10 +229,9 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
             skip -= len(sequences)
             progress.update(1)
             continue
-        rows = run_teacher(teacher, sequences, config)
-        background.put(rows[skip:])
-        result.num_sequences += len(rows) - skip
-        result.num_tokens += sum(len(r["input_ids"]) for r in rows[skip:])
+        background.put_unit(sequences, run_teacher(teacher, sequences, config), skip)
+        result.num_sequences += len(sequences) - skip
+        result.num_tokens += sum(len(s.input_ids) for s in sequences[skip:])
         skip = 0
         progress.update(1)
         seconds = time.perf_counter() - started
@@ -266,90 +272,29 @@ def _batches(sequences: list[Any], batch_tokens: int) -> list[list[int]]:
 
 
 @torch.inference_mode()  # the chunks' logits are inference tensors; sparsify works on them in place
-def run_teacher(teacher: Teacher, sequences: list[Any], config: BuildConfig) -> list[dict[str, Any]]:
-    """Teacher outputs for ``sequences`` (in their order): dicts of host arrays, ready to encode."""
-    rows: list[dict[str, Any]] = [{} for _ in sequences]
+def run_teacher(teacher: Teacher, sequences: list[Any], config: BuildConfig) -> Iterator[SparseBatch]:
+    """Teacher outputs for ``sequences``, a batch at a time: each batch's sparse arrays stay on the device until
+    their copy to the host (started here, awaited by the encoder) is done; nothing here waits on the device."""
     for batch in _batches(sequences, config.batch_tokens):
         width = len(sequences[batch[0]].input_ids)
+        lengths = [len(sequences[index].input_ids) for index in batch]
         ids = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for row, index in enumerate(batch):
-            tokens = torch.from_numpy(sequences[index].input_ids.astype(np.int64))
-            ids[row, :len(tokens)], mask[row, :len(tokens)] = tokens, 1
-        ids, mask = ids.to(teacher.device), mask.to(teacher.device)
-        uniforms = torch.stack([_uniforms(config, sequences[i].sequence_id, width) for i in batch]).to(teacher.device) \
-            if config.sampled_draws else None
-        parts: list[dict[str, np.ndarray]] = []
-        for r, p, logits in teacher_logits_chunks(teacher, ids, mask):
+            ids[row, :lengths[row]], mask[row, :lengths[row]] = torch.from_numpy(sequences[index].input_ids.astype(np.int64)), 1
+        ids, mask = to_device(ids, teacher.device), to_device(mask, teacher.device)
+        uniforms = to_device(torch.stack([_uniforms(config, sequences[i].sequence_id, width) for i in batch]),
+                             teacher.device) if config.sampled_draws else None
+        parts: list[dict[str, torch.Tensor]] = []
+        for r, p, logits in teacher_logits_chunks(teacher, ids, mask, lengths):
             sparse = sparsify(logits, ids[r, p + 1], config.k, overwrite=uniforms is None)  # draws need the logits
-            if not torch.isfinite(sparse.pop("lse")).all():
-                bad = int(r[0]) if len(r) else 0
-                raise BuildError(f"the teacher produced NaN or inf logits for sequence {sequences[batch[bad]].sequence_id}",
-                                 hint="try --dtype float32; check the teacher weights")
             if uniforms is not None:
                 sparse["sampled_ids"], sparse["sampled_counts"] = sample_sparse(
                     logits, sparse["topk_ids"], uniforms[r, p], config.sampled_mode)
-            sparse["row"] = r
-            parts.append(to_numpy(sparse))
-        merged = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
-        for row, index in enumerate(batch):
-            take = merged["row"] == row
-            rows[index] = {"sequence_id": sequences[index].sequence_id, "input_ids": sequences[index].input_ids,
-                           **{name: values[take] for name, values in merged.items() if name != "row"}}
-    return rows
-
-
-class _BackgroundWriter:
-    """Encodes teacher outputs and writes them on a thread; errors surface on the main thread."""
-
-    def __init__(self, writer: ShardWriter, codec: CodecConfig, schema: Any, depth: int = 4) -> None:
-        self.writer, self.codec, self.schema = writer, codec, schema
-        self.queue: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=depth)
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="kdstore-writer", daemon=True)
-
-    def __enter__(self) -> _BackgroundWriter:
-        self.thread.start()
-        return self
-
-    def put(self, rows: list[dict[str, Any]]) -> None:
-        while True:
-            self._raise_if_failed()
-            try:
-                self.queue.put(rows, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def _work(self) -> None:
-        try:
-            while (rows := self.queue.get()) is not None:
-                encoded = [encode_row(self.codec, row) for row in rows]
-                self.writer.write(rows_to_table(self.schema, encoded))
-        except BaseException as exc:  # handed to the main thread, which re-raises it
-            self.error = exc
-            while self.queue.get() is not None:  # drain so the producer never blocks
-                pass
-
-    def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is not None and self.error is None:
-            self.error = KdstoreError("build stopped")  # makes the worker discard what is still queued
-        self.queue.put(None)
-        self.thread.join()
-        if exc_type is None:
-            self._raise_if_failed()
-
-
-def encode_row(codec: CodecConfig, row: dict[str, Any]) -> dict[str, Any]:
-    """Teacher outputs of one sequence -> one stored row."""
-    columns = encode_positions(codec, row["topk_ids"], row["topk_logprobs"], row["tail_logmass"],
-                               row["target_logprob"], row.get("sampled_ids"), row.get("sampled_counts"))
-    score = float(np.mean(row["target_logprob"])) if len(row["target_logprob"]) else None
-    return {"sequence_id": row["sequence_id"], "input_ids": row["input_ids"], "teacher_score": score, **columns}
+            parts.append(sparse)
+        merged = {name: torch.cat([part[name] for part in parts]) if len(parts) > 1 else parts[0][name]
+                  for name in parts[0]}
+        yield SparseBatch(np.asarray(batch), HostCopy(merged))  # lse goes along: the encoder checks it is finite
 
 
 def finalize_store(out: str) -> str:

@@ -16,6 +16,7 @@ Math (fp32 throughout, whatever the teacher's dtype):
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,17 +158,17 @@ def content_sha256(folder: Path) -> str:
 
 
 @torch.inference_mode()
-def teacher_logits_chunks(teacher: Teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-    """Yield (row index tensor, position index tensor, fp32 logits [N, V]) over the real positions.
+def teacher_logits_chunks(teacher: Teacher, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                          lengths: Sequence[int] | None = None):
+    """Yield (row index tensor, position index tensor, fp32 logits [N, V]) over the real positions, row after row.
 
     input_ids, attention_mask: [B, T] on the teacher's device, right-padded.
     Only positions 0..len-2 of each row are yielded (each predicts a next token).
+    ``lengths``: the rows' lengths as the host knows them; the positions are then indexed on the host, which
+    spares the device a ``nonzero`` that would make the host wait for the previous batch to finish.
     """
     model = teacher.model
-    predicting = attention_mask.clone()
-    lengths = attention_mask.sum(dim=1)
-    predicting[torch.arange(len(lengths), device=lengths.device), lengths - 1] = 0
-    rows, positions = predicting.nonzero(as_tuple=True)
+    rows, positions = predicted_positions(attention_mask, lengths)
     chunk = max(1, HEAD_CHUNK_ELEMENTS // teacher.vocab_size)
     if any(getattr(model.config, a, None) for a in _POST_HEAD_ATTRIBUTES) or not hasattr(model, "get_decoder"):
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
@@ -180,6 +181,28 @@ def teacher_logits_chunks(teacher: Teacher, input_ids: torch.Tensor, attention_m
     for start in range(0, len(rows), chunk):
         r, p = rows[start:start + chunk], positions[start:start + chunk]
         yield r, p, head(hidden[r, p]).float()
+
+
+def predicted_positions(attention_mask: torch.Tensor, lengths: Sequence[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows [N], positions [N]) of every position that predicts a next token (0..len-2 of each row), row-major,
+    on the mask's device. From ``lengths`` (host) when given: no device synchronisation."""
+    if lengths is None:
+        predicting = attention_mask.clone()
+        counts = attention_mask.sum(dim=1)
+        predicting[torch.arange(len(counts), device=counts.device), counts - 1] = 0
+        return predicting.nonzero(as_tuple=True)
+    per_row = torch.as_tensor(lengths, dtype=torch.long) - 1
+    rows = torch.repeat_interleave(torch.arange(len(per_row)), per_row)
+    starts = torch.cumsum(per_row, 0) - per_row
+    positions = torch.arange(len(rows)) - torch.repeat_interleave(starts, per_row)
+    return to_device(rows, attention_mask.device), to_device(positions, attention_mask.device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``: on CUDA through pinned memory without blocking the host; as is on the CPU."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def sparsify(logits: torch.Tensor, targets: torch.Tensor, k: int, overwrite: bool = False) -> dict[str, torch.Tensor]:
@@ -225,6 +248,38 @@ def sample_sparse(logits: torch.Tensor, topk_ids: torch.Tensor, uniforms: torch.
     return ids, counts
 
 
-def to_numpy(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Copy the sparse results to the host in one go."""
-    return {name: t.cpu().numpy() for name, t in tensors.items()}
+_COPY_STREAMS: dict[torch.device, Any] = {}
+
+
+class HostCopy:
+    """Sparse results on their way to the host; ``wait()`` returns them as numpy arrays.
+
+    On CUDA the copy runs on a side stream into pinned memory (non_blocking), ordered after the work that made
+    the tensors, so the next forward is queued at once and overlaps the copy; only the thread that calls
+    ``wait`` (the encoder) blocks, on the copy's event. On the CPU the tensors are already host memory: ``wait``
+    returns views of them.
+    """
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self._event: Any = None
+        device = next(iter(tensors.values())).device
+        if device.type != "cuda":
+            self._host = {name: t.cpu() for name, t in tensors.items()}
+            return
+        if device not in _COPY_STREAMS:
+            _COPY_STREAMS[device] = torch.cuda.Stream(device)
+        stream = _COPY_STREAMS[device]
+        stream.wait_stream(torch.cuda.current_stream(device))
+        self._host = {}
+        with torch.cuda.stream(stream):
+            for name, tensor in tensors.items():
+                self._host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+                self._host[name].copy_(tensor, non_blocking=True)
+                tensor.record_stream(stream)  # its memory is not reused before the copy is done
+            self._event = torch.cuda.Event()
+            self._event.record(stream)
+
+    def wait(self) -> dict[str, np.ndarray]:
+        if self._event is not None:
+            self._event.synchronize()
+        return {name: t.numpy() for name, t in self._host.items()}

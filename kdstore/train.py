@@ -20,9 +20,10 @@ The recipe (``train`` below):
    copy of the teacher's config), initialised from ``seed``; its output dimension must cover the store's
    vocabulary. A student that looks like a local path but is not there is refused before the store opens.
 4. AdamW, linear warmup then cosine decay to ``min_lr_ratio`` of the peak.
-5. Steps of ``grad_accum`` micro-batches, ``kdstore.losses.distillation_loss`` (loss and CE mixing from
-   ``config.loss``), gradient clipping; a NaN or inf loss or gradient stops the run (naming the step and
-   the batch) before the optimizer touches the weights, so the last checkpoint stays the last good one.
+5. Steps of ``grad_accum`` micro-batches (under bf16 autocast with ``precision = "bf16"``),
+   ``kdstore.losses.distillation_loss`` (loss and CE mixing from ``config.loss``), gradient clipping; a NaN or
+   inf loss or gradient stops the run (naming the step and the batch) before the optimizer touches the
+   weights, so the last checkpoint stays the last good one.
 6. Every ``log_every`` steps a line, and the same values in RUN_DIR/metrics.jsonl (``kdstore.progress``: also
    the progress bar and TensorBoard); every ``val_every`` steps the validation cross-entropy on the stated
    number of sequences (a warning below 32); every ``checkpoint_every`` steps (and at the end)
@@ -43,7 +44,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -94,6 +95,9 @@ class TrainConfig:
     steps: Annotated[int, Field(ge=1)] = 1000  # optimizer steps
     batch_size: Annotated[int, Field(ge=1)] = 8  # sequences per micro-batch per rank
     grad_accum: Annotated[int, Field(ge=1)] = 1  # micro-batches per optimizer step
+    # "bf16": the student's forward and loss run under torch.autocast(bfloat16); weights, gradients and AdamW
+    # states stay fp32 (no loss scaling needed, unlike fp16); the loss upcasts to fp32 inside (kdstore.losses)
+    precision: Literal["fp32", "bf16"] = "fp32"
     lr: Annotated[float, Field(gt=0)] = 1e-3
     min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = 0.1  # cosine decays to lr * this
     warmup_steps: Annotated[int, Field(ge=0)] = 50
@@ -199,9 +203,10 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
                 run.advance_batch(len(loader))
                 last = micro == config.grad_accum - 1
                 with contextlib.nullcontext() if last or world == 1 else model.no_sync():  # all-reduce once per step
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                    loss, metrics = distillation_loss(logits, batch, config.loss, state=taid)
-                    (loss / config.grad_accum).backward()
+                    with autocast(config, device):
+                        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                        loss, metrics = distillation_loss(logits, batch, config.loss, state=taid)
+                    (loss / config.grad_accum).backward()  # each micro-batch's mean, so a step averages them
                 meter.add(loss.detach(), metrics, batch, *where)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip or math.inf)
             if _any_rank(not (meter.finite() and math.isfinite(grad_norm.item())), device):
@@ -274,6 +279,13 @@ def _init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
     return rank, world, device, created
+
+
+def autocast(config: TrainConfig, device: torch.device) -> Any:
+    """The student's forward and loss context: bf16 autocast on the run's device, or nothing for fp32."""
+    if config.precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
 def _due(step: int, every: int, config: TrainConfig) -> bool:

@@ -522,3 +522,30 @@ def test_build_commands_of_the_docs_that_share_an_out_folder_agree(page):
     assert by_out, page
     for out, variants in by_out.items():
         assert len(variants) == 1, f"{page}: commands writing {out} differ: {variants}"
+
+
+def test_a_bf16_teacher_builds_a_store_close_to_its_fp32_build(tmp_path, tiny_teacher, word_corpus):
+    """--dtype bfloat16 runs the forward in bf16 and the sparsify in fp32 (the GPU path, here on the CPU)."""
+    for dtype in ("float32", "bfloat16"):
+        result = run(word_corpus, "--teacher", tiny_teacher, "--out", tmp_path / dtype, "-k", "8", "--seq-len", "24",
+                     "--dtype", dtype)
+        assert result.exit_code == 0, result.output
+    fp32, bf16 = open_store(tmp_path / "float32"), open_store(tmp_path / "bfloat16")
+    assert verify_store(bf16) == [] and bf16.manifest.teacher["dtype"] == "bfloat16"
+    want = {s["sequence_id"]: s for s in fp32.iter_sequences()}
+    differences = [np.abs(s["target_logprob"] - want[s["sequence_id"]]["target_logprob"]) for s in bf16.iter_sequences()]
+    assert len(differences) == len(want)
+    assert 0 < np.concatenate(differences).mean() < 0.02  # bf16 rounding moves them a little (5e-4 nats measured)
+
+
+def test_a_head_cut_into_many_position_chunks_writes_the_same_store(tmp_path, tiny_teacher, word_corpus, monkeypatch):
+    """Each batch's chunks are joined on the device before their one copy to the host: 7 positions a chunk (the
+    large-vocabulary case) must give the shards a single chunk gives, sampled draws included."""
+    import kdstore.teacher
+
+    common = [word_corpus, "--teacher", tiny_teacher, "-k", "8", "--seq-len", "24", "--sampled-draws", "4"]
+    assert run(*common, "--out", tmp_path / "one-chunk").exit_code == 0
+    monkeypatch.setattr(kdstore.teacher, "HEAD_CHUNK_ELEMENTS", 7 * 320)
+    assert run(*common, "--out", tmp_path / "chunks").exit_code == 0
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("one-chunk", "chunks")]
+    assert [s["sha256"] for s in manifests[0]["shards"]] == [s["sha256"] for s in manifests[1]["shards"]]

@@ -771,6 +771,12 @@ def _(w: World) -> Call:
     return build_call(w, "--config", str(toml), seq_len=False, expect=('seq_len = "abc"', "integer"))
 
 
+@case("build-config-zstd-level-out-of-range")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", "zstd_level = 30\n")
+    return build_call(w, "--config", str(toml), expect=("zstd_level", "22"))
+
+
 @case("build-config-trust-remote-code")
 def _(w: World) -> Call:
     toml = w.write("build.toml", "trust_remote_code = true\n")
@@ -856,6 +862,16 @@ def _(w: World) -> Call:
 @case("train-steps-0")
 def _(w: World) -> Call:
     return train_call(w, "--steps", "0", expect=("steps = 0", ">= 1"))
+
+
+@case("train-grad-accum-0")
+def _(w: World) -> Call:
+    return train_call(w, "--grad-accum", "0", expect=("grad_accum = 0", ">= 1"))
+
+
+@case("train-precision-bogus")
+def _(w: World) -> Call:
+    return train_call(w, "--precision", "fp8", expect=("--precision", "fp8"), exit_code=2)
 
 
 @case("train-steps-negative")

@@ -19,9 +19,11 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import kdstore.train as train_module
+from conftest import write_store
 from kdstore.build import DEFAULT_CORPUS, DEFAULT_TEACHER, BuildConfig, build
 from kdstore.checkpoint import read_checkpoint
 from kdstore.cli.main import cli
+from kdstore.codec import CodecConfig
 from kdstore.errors import (
     KdstoreError,
     NonFiniteLossError,
@@ -526,3 +528,45 @@ def test_the_readme_train_line_runs_as_written_on_the_store_its_first_command_bu
         assert result.exit_code == 0, f"{args}: {result.output}"
         out = args[args.index("--out") + 1]
         assert "done: step 2" in result.output and Path(out, "student", "config.json").is_file()
+
+
+def _first_step_gradients(config: TrainConfig, monkeypatch) -> list[torch.Tensor]:
+    """The gradients of the first optimizer step, as train hands them to gradient clipping (recorded by a spy)."""
+    seen: list[list[torch.Tensor]] = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm):
+        parameters = list(parameters)
+        seen.append([p.grad.detach().clone() for p in parameters])
+        return real(parameters, max_norm)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train(config, log=lambda _: None)
+    return seen[0]
+
+
+@pytest.fixture
+def equal_length_config(tmp_path) -> TrainConfig:
+    """40 training sequences of 17 tokens (every micro-batch counts the same positions), one step, no clipping."""
+    store = write_store(tmp_path / "equal", CodecConfig(k=8, vocab_size=300), num_sequences=44, seq_len=17)
+    return TrainConfig(store=str(store), student=str(student_config(tmp_path, 300)), steps=1, warmup_steps=0,
+                       val_sequences=4, val_every=0, checkpoint_every=0, log_every=0, grad_clip=0, device="cpu")
+
+
+def test_two_micro_batches_of_b_give_the_gradient_of_one_batch_of_2b(equal_length_config, tmp_path, monkeypatch):
+    whole = _first_step_gradients(replace(equal_length_config, out=str(tmp_path / "a"), batch_size=4), monkeypatch)
+    halves = _first_step_gradients(replace(equal_length_config, out=str(tmp_path / "b"), batch_size=2, grad_accum=2),
+                                   monkeypatch)
+    assert len(whole) == len(halves) and any(g.abs().sum() > 0 for g in whole)
+    for one, accumulated in zip(whole, halves):
+        torch.testing.assert_close(accumulated, one, rtol=1e-4, atol=1e-7)
+
+
+def test_bf16_autocast_gives_close_but_not_identical_gradients(equal_length_config, tmp_path, monkeypatch):
+    fp32 = _first_step_gradients(replace(equal_length_config, out=str(tmp_path / "a"), batch_size=4), monkeypatch)
+    bf16 = _first_step_gradients(replace(equal_length_config, out=str(tmp_path / "b"), batch_size=4, precision="bf16"),
+                                 monkeypatch)
+    flat32, flat16 = torch.cat([g.flatten() for g in fp32]), torch.cat([g.flatten() for g in bf16])
+    assert flat16.dtype == torch.float32  # weights and their gradients stay fp32
+    assert not torch.equal(flat16, flat32)  # the forward did run in bf16
+    assert torch.nn.functional.cosine_similarity(flat16, flat32, dim=0) > 0.99
