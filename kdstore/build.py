@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -88,6 +88,10 @@ class BuildConfig:
     # groups); a loader needs at least one row group per rank, so small stores read by many ranks want less
     row_group_bytes: Annotated[int, Field(ge=1)] = DEFAULT_ROW_GROUP_BYTES
     progress: bool = True
+    # where the partitions run (kdstore/engine.py); not recorded: a Ray build writes the store a local one writes
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str = ""  # "": RAY_ADDRESS, else a new local cluster; "auto": the one `ray start` made here
+    num_gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0  # Ray: GPUs per partition task; 0 runs it on CPU
 
     def __post_init__(self) -> None:
         for name, value in check_config(type(self), vars(self), BuildError).items():
@@ -116,6 +120,7 @@ class BuildResult:
     total_bytes: int = 0  # of the whole store, once finished
     store_tokens: int = 0  # of the whole store, once finished
     corpus: CorpusStats = field(default_factory=CorpusStats)
+    notes: list[str] = field(default_factory=list)  # how the engine ran it (kdstore/engine.py), shown last
 
     def summary_lines(self) -> list[str]:
         rate = self.num_tokens / self.seconds if self.seconds else 0.0
@@ -127,7 +132,7 @@ class BuildResult:
             lines.append(f"store {self.out}: {self.total_bytes:,} bytes, {per_token:.1f} bytes/token (kdstore info {self.out})")
         else:
             lines.append(f"partition done; the manifest is written when every partition of {self.out} has finished")
-        return lines
+        return lines + self.notes
 
 
 def tokenizer_info(tokenizer: Any, saved: Path) -> dict[str, Any]:
@@ -148,10 +153,21 @@ def _check_inputs(config: BuildConfig, teacher: Teacher, tokenizer: Any) -> None
                          hint="use the tokenizer that was trained with this teacher")
 
 
-def build(config: BuildConfig, storage_options: dict[str, Any] | None = None) -> BuildResult:
+# (units done, units of the partition, tokens written by this run): called before the first unit and after each
+ProgressCallback = Callable[[int, int, int], None]
+
+
+def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
+          on_progress: ProgressCallback | None = None) -> BuildResult:
     """Build (or resume) partition ``config.partition`` of the store at ``config.out``: a folder, or a URL
     (``s3://``, ``gs://``, ...: written through a local staging folder, kdstore.mirror; fsspec options such
-    as ``endpoint_url`` in ``storage_options``, kept out of the recorded config)."""
+    as ``endpoint_url`` in ``storage_options``, kept out of the recorded config).
+
+    ``config.engine == "ray"`` runs every partition as a task on a Ray cluster instead (kdstore.engine)."""
+    if config.engine != "local":
+        from kdstore.engine import run_partitions
+
+        return run_partitions(config, storage_options)
     started = time.perf_counter()
     result = BuildResult(out=config.out)
     mirror = RemoteMirror(config.out, storage_options) if is_url(config.out) else None
@@ -181,7 +197,7 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None) ->
         compute_started = time.perf_counter()
         try:
             with writer, _BackgroundWriter(writer, codec, schema) as background:
-                _run_partition(config, num_units, teacher, tokenizer, writer, background, result)
+                _run_partition(config, num_units, teacher, tokenizer, writer, background, result, on_progress)
         except OSError as exc:  # read-only folder, full disk, ...
             raise _write_error(config.out, exc) from None
     result.seconds = time.perf_counter() - started
@@ -208,15 +224,17 @@ def _write_error(out: str, exc: OSError) -> BuildError:
     return BuildError(f"cannot write the store at {out}: {what}{on}", hint=hint)
 
 
-def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokenizer: Any,
-                   writer: ShardWriter, background: _BackgroundWriter, result: BuildResult) -> None:
+def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokenizer: Any, writer: ShardWriter,
+                   background: _BackgroundWriter, result: BuildResult, on_progress: ProgressCallback | None) -> None:
     corpus_config = config.corpus_config()
     skip = writer.num_committed_rows
     progress = _progress(config, num_units)
+    report = on_progress or (lambda done, total, tokens: None)
+    report(0, num_units, 0)
     started = time.perf_counter()
-    for unit in iter_units(config.corpus, corpus_config):
-        if partition_of(unit.key, config.num_partitions) != config.partition:
-            continue
+    units = (u for u in iter_units(config.corpus, corpus_config)
+             if partition_of(u.key, config.num_partitions) == config.partition)
+    for num_done, unit in enumerate(units, start=1):
         sequences = tokenize_unit(unit, tokenizer, corpus_config)
         if skip >= len(sequences):
             skip -= len(sequences)
@@ -231,6 +249,7 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
         seconds = time.perf_counter() - started
         progress.set_postfix(sequences=result.num_sequences, tokens=result.num_tokens,
                              tokens_per_s=f"{result.num_tokens / max(seconds, 1e-9):,.0f}", refresh=False)
+        report(num_done, num_units, result.num_tokens)
     progress.close()
 
 

@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import traceback
@@ -45,6 +46,8 @@ STORE_OR_RUN_NAMES = {"manifest.json", "shards", "_partitions", "_locks", "token
 # s3fs installed or not, this subprocess cannot import it
 WITHOUT_S3FS = ("import sys; sys.modules['s3fs'] = None; from kdstore.cli.main import cli; "
                 "cli(sys.argv[1:], prog_name='kdstore')")
+# Ray installed or not, this subprocess cannot import it
+WITHOUT_RAY = WITHOUT_S3FS.replace("'s3fs'", "'ray'")
 
 
 # -- fixtures shared by every case ---------------------------------------------
@@ -97,6 +100,7 @@ class Call:
     problems_ok: bool = False  # verify lists "problem: ..." lines before its Error line
     new: Path | None = None  # a folder the command was asked to create: may appear, but holding nothing store-like
     without_s3fs: bool = False  # run in a subprocess that cannot import s3fs
+    without_ray: bool = False  # run in a subprocess that cannot import ray
     absent: tuple[Path, ...] = ()  # files that must not exist afterwards (a pickle's payload, ...)
     environ: dict[str, str] = field(default_factory=dict)
 
@@ -792,6 +796,52 @@ def _(w: World) -> Call:
     return build_call(w, "--device", "gpu", expect=("gpu",))
 
 
+@case("build-engine-ray-without-ray-installed")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", expect=("Ray", "kdstore[ray]"), without_ray=True)
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # bound, never listening: a connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@case("build-ray-address-unreachable")
+def _(w: World) -> Call:
+    address = f"127.0.0.1:{_closed_port()}"
+    pytest.importorskip("ray")
+    return build_call(w, "--engine", "ray", "--ray-address", address, expect=(address, "ray start --head"))
+
+
+@case("build-ray-address-not-host-port")
+def _(w: World) -> Call:
+    pytest.importorskip("ray")
+    return build_call(w, "--engine", "ray", "--ray-address", "headnode", expect=("'headnode'", "HOST:PORT"))
+
+
+@case("build-ray-cluster-with-fewer-gpus-than-asked")
+def _(w: World) -> Call:  # a local Ray instance of this machine's CPUs, started and stopped by the build
+    pytest.importorskip("ray")
+    return build_call(w, "--engine", "ray", "--num-gpus-per-worker", "64", expect=("--num-gpus-per-worker 64",
+                                                                                   "GPU(s)"))
+
+
+@case("build-ray-partition-given")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", "--num-partitions", "2", "--partition", "1", expect=("--partition 1",))
+
+
+@case("build-ray-device-cuda-without-gpus-per-worker")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", "--device", "cuda", expect=("--device cuda", "--num-gpus-per-worker"))
+
+
+@case("build-num-gpus-per-worker-negative")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", "--num-gpus-per-worker", "-1", expect=("num_gpus_per_worker = -1.0",))
+
+
 # -- train ---------------------------------------------------------------------------
 def train_call(w: World, *args: str, store: str | None = None, student: str | None = None, steps: bool = True,
                **call: object) -> Call:
@@ -1208,9 +1258,10 @@ def snapshot(paths: list[Path], leave_out: Path | None = None) -> dict[str, obje
 
 
 def run_cli(call: Call, cwd: Path, monkeypatch) -> tuple[int, str]:
-    if call.without_s3fs:
+    if call.without_s3fs or call.without_ray:
         environ = {**os.environ, "HF_HUB_OFFLINE": "1", **call.environ}
-        done = subprocess.run([sys.executable, "-c", WITHOUT_S3FS, *call.args], cwd=cwd, env=environ, timeout=120,
+        script = WITHOUT_RAY if call.without_ray else WITHOUT_S3FS
+        done = subprocess.run([sys.executable, "-c", script, *call.args], cwd=cwd, env=environ, timeout=120,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return done.returncode, done.stdout
     for key, value in call.environ.items():
