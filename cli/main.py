@@ -216,6 +216,9 @@ def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool
                    "mode and scheme via --config). [default: 0]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto. [default: auto]")
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default=None,
+              help="What runs the teacher: transformers, or vLLM's prompt log-probs (pip install vllm; no sampled draws; "
+                   "engine settings under [vllm_options] in --config). [default: transformers]")
 @click.option("--split", type=click.Choice(["file", "blank-line"]), default=None,
               help="Plain text: one document per file or per blank-line block. [default: blank-line]")
 @click.option("--errors", type=click.Choice(["strict", "replace"]), default=None, help="Non-UTF-8 bytes: stop or replace.")

@@ -92,6 +92,9 @@ class BuildConfig:
     engine: Literal["local", "ray"] = "local"
     ray_address: str = ""  # "": RAY_ADDRESS, else a new local cluster; "auto": the one `ray start` made here
     num_gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0  # Ray: GPUs per partition task; 0 runs it on CPU
+    # what runs the teacher (recorded via teacher.backend when vllm): transformers here, or vLLM (kdstore/vllm_backend.py)
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_options: dict[str, int | float | str | bool] = field(default_factory=dict)  # keyword arguments of vllm.LLM
 
     def __post_init__(self) -> None:
         for name, value in check_config(type(self), vars(self), BuildError).items():
@@ -99,6 +102,10 @@ class BuildConfig:
         if self.partition >= self.num_partitions:
             raise BuildError(f"partition = {self.partition}: expected 0 to {self.num_partitions - 1} "
                              f"(num_partitions = {self.num_partitions})")
+        if self.backend == "vllm":
+            from kdstore.vllm_backend import check_settings
+
+            check_settings(self.k, self.sampled_draws, self.vllm_options)
 
     def recorded(self) -> dict[str, Any]:
         keys = ("seq_len", "split", "text_field", "pack", "errors", "unit_documents", "seed", "license")
@@ -181,7 +188,12 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
     num_units = sum(1 for u in iter_units(config.corpus, config.corpus_config(), result.corpus)
                     if partition_of(u.key, config.num_partitions) == config.partition)
     tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)  # first: it loads in a second
-    teacher = load_teacher(config.teacher, config.dtype, config.device, config.trust_remote_code)
+    if config.backend == "vllm":
+        from kdstore.vllm_backend import load_vllm_teacher
+
+        teacher = load_vllm_teacher(config.teacher, config.k, config.dtype, config.trust_remote_code, config.vllm_options)
+    else:
+        teacher = load_teacher(config.teacher, config.dtype, config.device, config.trust_remote_code)
     _check_inputs(config, teacher, tokenizer)
     codec = CodecConfig(k=config.k, vocab_size=teacher.vocab_size, sampled_draws=config.sampled_draws,
                         sampled_mode=config.sampled_mode, sampled_scheme=config.sampled_scheme)
@@ -240,7 +252,7 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
             skip -= len(sequences)
             progress.update(1)
             continue
-        rows = run_teacher(teacher, sequences, config)
+        rows = _teacher_rows(teacher, sequences, config)
         background.put(rows[skip:])
         result.num_sequences += len(rows) - skip
         result.num_tokens += sum(len(r["input_ids"]) for r in rows[skip:])
@@ -251,6 +263,15 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
                              tokens_per_s=f"{result.num_tokens / max(seconds, 1e-9):,.0f}", refresh=False)
         report(num_done, num_units, result.num_tokens)
     progress.close()
+
+
+def _teacher_rows(teacher: Any, sequences: list[Any], config: BuildConfig) -> list[dict[str, Any]]:
+    """The backend's outputs for ``sequences``: run_teacher below, or vLLM's prompt log-probs."""
+    if config.backend == "vllm":
+        from kdstore.vllm_backend import run_vllm_teacher
+
+        return run_vllm_teacher(teacher, sequences, config.k)
+    return run_teacher(teacher, sequences, config)
 
 
 def _progress(config: BuildConfig, total: int) -> Any:

@@ -46,8 +46,6 @@ STORE_OR_RUN_NAMES = {"manifest.json", "shards", "_partitions", "_locks", "token
 # s3fs installed or not, this subprocess cannot import it
 WITHOUT_S3FS = ("import sys; sys.modules['s3fs'] = None; from kdstore.cli.main import cli; "
                 "cli(sys.argv[1:], prog_name='kdstore')")
-# Ray installed or not, this subprocess cannot import it
-WITHOUT_RAY = WITHOUT_S3FS.replace("'s3fs'", "'ray'")
 
 
 # -- fixtures shared by every case ---------------------------------------------
@@ -100,7 +98,7 @@ class Call:
     problems_ok: bool = False  # verify lists "problem: ..." lines before its Error line
     new: Path | None = None  # a folder the command was asked to create: may appear, but holding nothing store-like
     without_s3fs: bool = False  # run in a subprocess that cannot import s3fs
-    without_ray: bool = False  # run in a subprocess that cannot import ray
+    without: str = ""  # a module ("ray", "vllm"): run in a subprocess that cannot import it, installed or not
     absent: tuple[Path, ...] = ()  # files that must not exist afterwards (a pickle's payload, ...)
     environ: dict[str, str] = field(default_factory=dict)
 
@@ -798,7 +796,7 @@ def _(w: World) -> Call:
 
 @case("build-engine-ray-without-ray-installed")
 def _(w: World) -> Call:
-    return build_call(w, "--engine", "ray", expect=("Ray", "kdstore[ray]"), without_ray=True)
+    return build_call(w, "--engine", "ray", expect=("Ray", "kdstore[ray]"), without="ray")
 
 
 def _closed_port() -> int:
@@ -840,6 +838,33 @@ def _(w: World) -> Call:
 @case("build-num-gpus-per-worker-negative")
 def _(w: World) -> Call:
     return build_call(w, "--engine", "ray", "--num-gpus-per-worker", "-1", expect=("num_gpus_per_worker = -1.0",))
+
+
+@case("build-backend-vllm-not-installed")
+def _(w: World) -> Call:
+    return build_call(w, "--backend", "vllm", "-k", "8", expect=("vLLM", "pip install vllm"), without="vllm")
+
+
+@case("build-backend-vllm-max-logprobs-below-k")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", 'backend = "vllm"\n[vllm_options]\nmax_logprobs = 20\n')
+    return build_call(w, "--config", str(toml), "-k", "64",
+                      expect=("max_logprobs = 20", "K = 64", "raise max_logprobs under [vllm_options]"))
+
+
+@case("build-backend-vllm-with-sampled-draws")
+def _(w: World) -> Call:
+    return build_call(w, "--backend", "vllm", "--sampled-draws", "16", expect=("--sampled-draws 16", "--backend vllm"))
+
+
+@case("build-backend-vllm-teacher-it-cannot-load")
+def _(w: World) -> Call:
+    pytest.importorskip("vllm", reason="needs vLLM (and the GPU it runs on)")
+    teacher = w.teacher()
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    return build_call(w, "--backend", "vllm", "--teacher", str(teacher), "-k", "8",
+                      expect=("vLLM cannot load teacher", str(teacher)))
 
 
 # -- train ---------------------------------------------------------------------------
@@ -1258,9 +1283,9 @@ def snapshot(paths: list[Path], leave_out: Path | None = None) -> dict[str, obje
 
 
 def run_cli(call: Call, cwd: Path, monkeypatch) -> tuple[int, str]:
-    if call.without_s3fs or call.without_ray:
+    if call.without_s3fs or call.without:
         environ = {**os.environ, "HF_HUB_OFFLINE": "1", **call.environ}
-        script = WITHOUT_RAY if call.without_ray else WITHOUT_S3FS
+        script = WITHOUT_S3FS.replace("'s3fs'", repr(call.without)) if call.without else WITHOUT_S3FS
         done = subprocess.run([sys.executable, "-c", script, *call.args], cwd=cwd, env=environ, timeout=120,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return done.returncode, done.stdout
