@@ -22,9 +22,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
-from conftest import write_word_corpus
+from conftest import S3_BUCKET, write_word_corpus
 from kdstore.build import BuildConfig, build
+from kdstore.cli.main import cli
 from kdstore.engine import run_partitions
 from kdstore.store import open_store
 from kdstore.verify import verify_store
@@ -35,6 +37,10 @@ NUM_NODES = 2
 # A loopback cluster of the test's own: no token (Ray >= 2.5x enables token auth when ~/.ray/auth_token exists,
 # and which processes see which token then depends on the machine), no usage report
 RAY_ENVIRON = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+# the workers talk to the loopback S3 server of tests/conftest.py as the driver does: dummy credentials, no
+# instance-metadata lookups, no ~/.aws files
+AWS_ENVIRON = {"AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+               "AWS_CONFIG_FILE": "/nonexistent/aws-config", "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials"}
 
 
 def _free_port() -> int:
@@ -48,7 +54,7 @@ def _start(*args: str, temp_dir: str) -> subprocess.Popen:
                "--disable-usage-stats", *args]
     log = open(Path(temp_dir) / f"node-{len(os.listdir(temp_dir))}.log", "w")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, **RAY_ENVIRON})
+                            env={**os.environ, **RAY_ENVIRON, **AWS_ENVIRON})
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -179,3 +185,19 @@ def test_a_worker_killed_mid_partition_is_rerun_and_the_store_is_still_identical
     assert any("partition 0 was rerun 1 time(s)" in line for line in result.summary_lines()), result.summary_lines()
     assert _shards(out) == _shards(folder / "local")
     assert verify_store(open_store(out)) == []
+
+
+def test_kdstore_build_engine_ray_into_an_object_store_equals_the_local_build(cluster, setup, s3, tmp_path):
+    fs, options = s3
+    config, folder = setup
+    toml = tmp_path / "build.toml"
+    toml.write_text(f'teacher = "{config.teacher}"\nk = 8\nseq_len = 32\nunit_documents = 2\nshard_bytes = 20000\n'
+                    'row_group_bytes = 8000\nnum_partitions = 2\n')
+    url = f"s3://{S3_BUCKET}/ray-store"
+    result = CliRunner().invoke(cli, ["build", *config.corpus, "--config", str(toml), "--out", url, "--engine", "ray",
+                                      "--ray-address", cluster, *(f"--storage-option={k}={v}" for k, v in options.items())])
+    assert result.exit_code == 0, result.output
+    assert "ran 2 partitions as Ray tasks on 2 node(s)" in result.output and "partition 1" in result.output  # its bar
+    manifest = json.loads(fs.cat_file(f"{S3_BUCKET}/ray-store/manifest.json"))
+    assert [(s["path"], s["sha256"], s["num_rows"]) for s in manifest["shards"]] == _shards(folder / "local")
+    assert verify_store(open_store(url, options)) == []
