@@ -151,10 +151,11 @@ def _rows_sha256(store: Path) -> str:
     return digest.hexdigest()
 
 
-def test_a_ray_build_writes_the_store_a_local_build_writes(cluster, setup, tmp_path):
+def test_a_ray_build_writes_the_store_a_local_build_writes(cluster, setup, tmp_path, monkeypatch):
     config, folder = setup
     seen: list[dict] = []
-    result = run_partitions(replace(config, out=str(tmp_path / "ray"), engine="ray", ray_address=cluster),
+    monkeypatch.chdir(tmp_path)  # --out relative to the driver's working directory, as on a shared file system
+    result = run_partitions(replace(config, out="ray", engine="ray", ray_address=cluster),
                             on_progress=lambda progress: seen.append(dict(progress)))
     assert result.finished and result.num_sequences == open_store(folder / "local").manifest.num_sequences
     assert _shards(tmp_path / "ray") == _shards(folder / "local")  # same shards, same sha256s
