@@ -28,6 +28,7 @@ from conftest import S3_BUCKET, write_word_corpus
 from kdstore.build import BuildConfig, build
 from kdstore.cli.main import cli
 from kdstore.engine import run_partitions
+from kdstore.errors import TeacherError
 from kdstore.store import open_store
 from kdstore.verify import verify_store
 
@@ -202,3 +203,12 @@ def test_kdstore_build_engine_ray_into_an_object_store_equals_the_local_build(cl
     manifest = json.loads(fs.cat_file(f"{S3_BUCKET}/ray-store/manifest.json"))
     assert [(s["path"], s["sha256"], s["num_rows"]) for s in manifest["shards"]] == _shards(folder / "local")
     assert verify_store(open_store(url, options)) == []
+
+
+def test_an_error_in_a_task_is_the_one_line_error_a_local_build_gives(cluster, setup, tmp_path):
+    config, _ = setup
+    missing = tmp_path / "no-such-teacher"
+    with pytest.raises(TeacherError, match="does not exist") as raised:  # raised in the workers, shown as itself
+        run_partitions(replace(config, teacher=str(missing), out=str(tmp_path / "ray"), engine="ray", ray_address=cluster))
+    assert type(raised.value) is TeacherError  # not Ray's wrapper, whose text is the worker's traceback
+    assert str(missing) in raised.value.one_line()
