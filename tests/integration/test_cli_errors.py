@@ -99,6 +99,7 @@ class Call:
     new: Path | None = None  # a folder the command was asked to create: may appear, but holding nothing store-like
     without_s3fs: bool = False  # run in a subprocess that cannot import s3fs
     without: str = ""  # a module ("ray", "vllm"): run in a subprocess that cannot import it, installed or not
+    isolated: bool = False  # run in a subprocess: the command leaves process state behind (Ray sets RAY_AUTH_MODE)
     absent: tuple[Path, ...] = ()  # files that must not exist afterwards (a pickle's payload, ...)
     environ: dict[str, str] = field(default_factory=dict)
 
@@ -821,8 +822,8 @@ def _(w: World) -> Call:
 @case("build-ray-cluster-with-fewer-gpus-than-asked")
 def _(w: World) -> Call:  # a local Ray instance of this machine's CPUs, started and stopped by the build
     pytest.importorskip("ray")
-    return build_call(w, "--engine", "ray", "--num-gpus-per-worker", "64", expect=("--num-gpus-per-worker 64",
-                                                                                   "GPU(s)"))
+    return build_call(w, "--engine", "ray", "--num-gpus-per-worker", "64", expect=("--num-gpus-per-worker 64", "GPU(s)"),
+                      isolated=True)
 
 
 @case("build-ray-partition-given")
@@ -1283,9 +1284,10 @@ def snapshot(paths: list[Path], leave_out: Path | None = None) -> dict[str, obje
 
 
 def run_cli(call: Call, cwd: Path, monkeypatch) -> tuple[int, str]:
-    if call.without_s3fs or call.without:
+    if call.without_s3fs or call.without or call.isolated:
         environ = {**os.environ, "HF_HUB_OFFLINE": "1", **call.environ}
-        script = WITHOUT_S3FS.replace("'s3fs'", repr(call.without)) if call.without else WITHOUT_S3FS
+        hidden = "s3fs" if call.without_s3fs else call.without
+        script = WITHOUT_S3FS.replace("sys.modules['s3fs'] = None; ", f"sys.modules[{hidden!r}] = None; " if hidden else "")
         done = subprocess.run([sys.executable, "-c", script, *call.args], cwd=cwd, env=environ, timeout=120,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return done.returncode, done.stdout
