@@ -35,8 +35,10 @@ from typing import Any
 
 from kdstore.build import BuildConfig, BuildResult, build
 from kdstore.errors import BuildError, EngineError, KdstoreError
-from kdstore.records import check_output_folder
+from kdstore.format import PARTITION_DIR, SHARD_DIR
+from kdstore.records import check_output_folder, read_record
 from kdstore.store import is_url
+from kdstore.writer import read_shard_essentials
 
 RAY_EXTRA = "pip install 'kdstore[ray]'"
 # Ray reruns a partition whose worker died this many times; each rerun resumes from the committed shards
@@ -81,7 +83,8 @@ def run_partitions(config: BuildConfig, storage_options: dict[str, Any] | None =
     _check_out(config, storage_options)  # refused before a cluster starts or a teacher loads
     connected_here = _connect(ray, config.ray_address)
     try:
-        num_partitions = config.num_partitions if config.num_partitions > 1 else _worker_slots(ray, config)
+        num_partitions = config.num_partitions if config.num_partitions > 1 else (
+            _started_num_partitions(config.out) or _worker_slots(ray, config))
         _check_gpus(ray, config)
         results, progress = _run_tasks(ray, config, num_partitions, storage_options, on_progress)
     finally:
@@ -139,6 +142,18 @@ def _check_reachable(address: str) -> None:
         raise EngineError(f"no Ray cluster answers at --ray-address {address}: {exc.strerror or exc}",
                           hint="start it with `ray start --head --port PORT` on that machine, or check the address "
                                "`ray status` shows there; omit --ray-address to start a local cluster") from None
+
+
+def _started_num_partitions(out: str) -> int | None:
+    """The number of partitions of the store being built in the local folder ``out`` (None if none yet): a
+    rerun resumes it on a cluster of any size."""
+    if is_url(out):
+        return None
+    records = sorted(Path(out, PARTITION_DIR).glob("part-*.json"))
+    if records:
+        return int(read_record(records[0])["num_partitions"])
+    shards = sorted(Path(out, SHARD_DIR).glob("part-*.parquet"))
+    return int(read_shard_essentials(shards[0])["num_partitions"]) if shards else None
 
 
 def _nodes(ray: Any) -> list[dict[str, float]]:

@@ -8,6 +8,7 @@ real Ray worker process, found by the PID its task reported, killed with SIGKILL
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from conftest import S3_BUCKET, write_word_corpus
@@ -118,21 +120,25 @@ def setup(tmp_path_factory, tiny_teacher):
     With one torch thread, as in a Ray task of one CPU (Ray sets OMP_NUM_THREADS to the task's CPUs): a matmul
     split over another number of threads sums in another order, and one logit in a million may then differ
     in its last bit, which is enough to change a shard's sha256."""
-    import torch
-
     folder = tmp_path_factory.mktemp("ray-build")
     corpus = write_word_corpus(folder / "corpus", num_files=10, docs_per_file=100)
     config = BuildConfig(corpus=(str(corpus),), teacher=str(tiny_teacher), k=8, seq_len=32, unit_documents=2,
                          shard_bytes=20_000, row_group_bytes=8_000, progress=False, device="cpu", num_partitions=2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         for partition in range(2):
             build(replace(config, out=str(folder / "local"), partition=partition))
         build(replace(config, out=str(folder / "single"), num_partitions=1))
+    return config, folder
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
-    return config, folder
 
 
 def _shards(store: Path) -> list[tuple[str, str, int]]:
@@ -212,3 +218,13 @@ def test_an_error_in_a_task_is_the_one_line_error_a_local_build_gives(cluster, s
         run_partitions(replace(config, teacher=str(missing), out=str(tmp_path / "ray"), engine="ray", ray_address=cluster))
     assert type(raised.value) is TeacherError  # not Ray's wrapper, whose text is the worker's traceback
     assert str(missing) in raised.value.one_line()
+
+
+def test_a_ray_build_resumes_a_store_started_with_another_number_of_partitions(cluster, setup, tmp_path):
+    config, folder = setup
+    out = tmp_path / "store"
+    with one_torch_thread():
+        build(replace(config, out=str(out), num_partitions=3, partition=1))  # one of three, here
+    result = run_partitions(replace(config, out=str(out), engine="ray", ray_address=cluster, num_partitions=1))
+    assert result.finished and "ran 3 partitions as Ray tasks on 2 node(s)" in result.summary_lines()
+    assert _rows_sha256(out) == _rows_sha256(folder / "single")
