@@ -97,6 +97,9 @@ def _check_settings(config: BuildConfig) -> None:
     if config.partition != 0:
         raise EngineError(f"--partition {config.partition} with --engine ray: Ray runs every partition",
                           hint="drop --partition (--num-partitions sets how many there are)")
+    if config.num_gpus_per_worker == 0 and config.backend == "vllm":
+        raise EngineError("--backend vllm with --engine ray and --num-gpus-per-worker 0: vLLM runs each partition's "
+                          "engine on GPUs", hint="pass --num-gpus-per-worker 1 (or the GPUs of one vLLM engine)")
     if config.num_gpus_per_worker == 0 and config.device.startswith("cuda"):
         raise EngineError(f"--device {config.device} with --num-gpus-per-worker 0: Ray gives the tasks no GPU",
                           hint="pass --num-gpus-per-worker 1 (or more), or --device cpu")

@@ -836,6 +836,11 @@ def _(w: World) -> Call:
     return build_call(w, "--engine", "ray", "--device", "cuda", expect=("--device cuda", "--num-gpus-per-worker"))
 
 
+@case("build-ray-vllm-without-gpus-per-worker")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", "--backend", "vllm", "-k", "8", expect=("--backend vllm", "--num-gpus-per-worker 1"))
+
+
 @case("build-num-gpus-per-worker-negative")
 def _(w: World) -> Call:
     return build_call(w, "--engine", "ray", "--num-gpus-per-worker", "-1", expect=("num_gpus_per_worker = -1.0",))
