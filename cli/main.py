@@ -216,12 +216,25 @@ def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool
                    "mode and scheme via --config). [default: 0]")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto. [default: auto]")
+@click.option("--backend", type=click.Choice(["transformers", "vllm"]), default=None,
+              help="What runs the teacher: transformers, or vLLM's prompt log-probs (pip install vllm; no sampled draws; "
+                   "engine settings under [vllm_options] in --config). [default: transformers]")
 @click.option("--split", type=click.Choice(["file", "blank-line"]), default=None,
               help="Plain text: one document per file or per blank-line block. [default: blank-line]")
 @click.option("--errors", type=click.Choice(["strict", "replace"]), default=None, help="Non-UTF-8 bytes: stop or replace.")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the teacher's own Python code.")
-@click.option("--num-partitions", type=int, default=None, help="Split the build into N independent partitions.")
+@click.option("--num-partitions", type=int, default=None,
+              help="Split the build into N independent partitions. [default: 1; --engine ray: as many as the cluster "
+                   "runs at once]")
 @click.option("--partition", type=int, default=None, help="Which partition this process builds (0-based).")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+              help="Where the partitions run: this process, or tasks on a Ray cluster (pip install 'kdstore[ray]'). "
+                   "[default: local]")
+@click.option("--ray-address", default=None, metavar="ADDR",
+              help="--engine ray: the cluster (HOST:PORT, ray://HOST:PORT, or auto: the one `ray start` made here). "
+                   "[default: RAY_ADDRESS, else a new local cluster for this build]")
+@click.option("--num-gpus-per-worker", type=float, default=None,
+              help="--engine ray: GPUs per partition task; 0 runs them on CPUs. [default: 0]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="build.toml; flags override it.")
 @click.option("--finalize", "finalize_only", is_flag=True, help="Only write the manifest of finished partitions.")
 @storage_option
@@ -240,6 +253,7 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
       kdstore build data/ --teacher ./my-teacher --out sampled-store -k 1 --sampled-draws 192
       for i in 0 1 2 3; do kdstore build data/ --teacher ./my-teacher --out store --num-partitions 4 --partition $i & done; wait
       kdstore build data/ --teacher ./my-teacher --out s3://bucket/store --storage-option endpoint_url=http://minio:9000
+      kdstore build data/ --teacher /shared/teacher --out /shared/store --engine ray --ray-address head:6379
     """
     from kdstore.build import build as run_build
     from kdstore.build import finalize_store, resolved_config

@@ -24,7 +24,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 import numpy as np
 import torch
@@ -94,6 +94,13 @@ class BuildConfig:
     # development CPU (benchmarks/build.py; docs/build.md "Host path")
     zstd_level: Annotated[int, Field(ge=1, le=22)] = DEFAULT_ZSTD_LEVEL
     progress: bool = True
+    # where the partitions run (kdstore/engine.py); not recorded: a Ray build writes the store a local one writes
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str = ""  # "": RAY_ADDRESS, else a new local cluster; "auto": the one `ray start` made here
+    num_gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0  # Ray: GPUs per partition task; 0 runs it on CPU
+    # what runs the teacher (recorded via teacher.backend when vllm): transformers here, or vLLM (kdstore/vllm_backend.py)
+    backend: Literal["transformers", "vllm"] = "transformers"
+    vllm_options: dict[str, int | float | str | bool] = field(default_factory=dict)  # keyword arguments of vllm.LLM
 
     def __post_init__(self) -> None:
         for name, value in check_config(type(self), vars(self), BuildError).items():
@@ -101,6 +108,10 @@ class BuildConfig:
         if self.partition >= self.num_partitions:
             raise BuildError(f"partition = {self.partition}: expected 0 to {self.num_partitions - 1} "
                              f"(num_partitions = {self.num_partitions})")
+        if self.backend == "vllm":
+            from kdstore.vllm_backend import check_settings
+
+            check_settings(self.k, self.sampled_draws, self.vllm_options)
 
     def recorded(self) -> dict[str, Any]:
         keys = ("seq_len", "split", "text_field", "pack", "errors", "unit_documents", "seed", "license")
@@ -122,6 +133,7 @@ class BuildResult:
     total_bytes: int = 0  # of the whole store, once finished
     store_tokens: int = 0  # of the whole store, once finished
     corpus: CorpusStats = field(default_factory=CorpusStats)
+    notes: list[str] = field(default_factory=list)  # how the engine ran it (kdstore/engine.py), shown last
 
     def summary_lines(self) -> list[str]:
         rate = self.num_tokens / self.seconds if self.seconds else 0.0
@@ -133,7 +145,7 @@ class BuildResult:
             lines.append(f"store {self.out}: {self.total_bytes:,} bytes, {per_token:.1f} bytes/token (kdstore info {self.out})")
         else:
             lines.append(f"partition done; the manifest is written when every partition of {self.out} has finished")
-        return lines
+        return lines + self.notes
 
 
 def tokenizer_info(tokenizer: Any, saved: Path) -> dict[str, Any]:
@@ -154,10 +166,21 @@ def _check_inputs(config: BuildConfig, teacher: Teacher, tokenizer: Any) -> None
                          hint="use the tokenizer that was trained with this teacher")
 
 
-def build(config: BuildConfig, storage_options: dict[str, Any] | None = None) -> BuildResult:
+# (units done, units of the partition, tokens written by this run): called before the first unit and after each
+ProgressCallback = Callable[[int, int, int], None]
+
+
+def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
+          on_progress: ProgressCallback | None = None) -> BuildResult:
     """Build (or resume) partition ``config.partition`` of the store at ``config.out``: a folder, or a URL
     (``s3://``, ``gs://``, ...: written through a local staging folder, kdstore.mirror; fsspec options such
-    as ``endpoint_url`` in ``storage_options``, kept out of the recorded config)."""
+    as ``endpoint_url`` in ``storage_options``, kept out of the recorded config).
+
+    ``config.engine == "ray"`` runs every partition as a task on a Ray cluster instead (kdstore.engine)."""
+    if config.engine != "local":
+        from kdstore.engine import run_partitions
+
+        return run_partitions(config, storage_options)
     started = time.perf_counter()
     result = BuildResult(out=config.out)
     mirror = RemoteMirror(config.out, storage_options) if is_url(config.out) else None
@@ -171,7 +194,12 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None) ->
     num_units = sum(1 for u in iter_units(config.corpus, config.corpus_config(), result.corpus)
                     if partition_of(u.key, config.num_partitions) == config.partition)
     tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)  # first: it loads in a second
-    teacher = load_teacher(config.teacher, config.dtype, config.device, config.trust_remote_code)
+    if config.backend == "vllm":
+        from kdstore.vllm_backend import load_vllm_teacher
+
+        teacher = load_vllm_teacher(config.teacher, config.k, config.dtype, config.trust_remote_code, config.vllm_options)
+    else:
+        teacher = load_teacher(config.teacher, config.dtype, config.device, config.trust_remote_code)
     _check_inputs(config, teacher, tokenizer)
     codec = CodecConfig(k=config.k, vocab_size=teacher.vocab_size, sampled_draws=config.sampled_draws,
                         sampled_mode=config.sampled_mode, sampled_scheme=config.sampled_scheme)
@@ -188,7 +216,7 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None) ->
         compute_started = time.perf_counter()
         try:
             with writer, HostPipeline(writer, codec, schema) as background:
-                _run_partition(config, num_units, teacher, tokenizer, writer, background, result)
+                _run_partition(config, num_units, teacher, tokenizer, writer, background, result, on_progress)
         except OSError as exc:  # read-only folder, full disk, ...
             raise _write_error(config.out, exc) from None
     result.seconds = time.perf_counter() - started
@@ -215,21 +243,23 @@ def _write_error(out: str, exc: OSError) -> BuildError:
     return BuildError(f"cannot write the store at {out}: {what}{on}", hint=hint)
 
 
-def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokenizer: Any,
-                   writer: ShardWriter, background: HostPipeline, result: BuildResult) -> None:
+def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokenizer: Any, writer: ShardWriter,
+                   background: HostPipeline, result: BuildResult, on_progress: ProgressCallback | None) -> None:
     corpus_config = config.corpus_config()
     skip = writer.num_committed_rows
     progress = _progress(config, num_units)
+    report = on_progress or (lambda done, total, tokens: None)
+    report(0, num_units, 0)
     started = time.perf_counter()
-    for unit in iter_units(config.corpus, corpus_config):
-        if partition_of(unit.key, config.num_partitions) != config.partition:
-            continue
+    units = (u for u in iter_units(config.corpus, corpus_config)
+             if partition_of(u.key, config.num_partitions) == config.partition)
+    for num_done, unit in enumerate(units, start=1):
         sequences = tokenize_unit(unit, tokenizer, corpus_config)
         if skip >= len(sequences):
             skip -= len(sequences)
             progress.update(1)
             continue
-        background.put_unit(sequences, run_teacher(teacher, sequences, config), skip)
+        background.put_unit(sequences, _teacher_batches(teacher, sequences, config), skip)
         result.num_sequences += len(sequences) - skip
         result.num_tokens += sum(len(s.input_ids) for s in sequences[skip:])
         skip = 0
@@ -237,7 +267,17 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
         seconds = time.perf_counter() - started
         progress.set_postfix(sequences=result.num_sequences, tokens=result.num_tokens,
                              tokens_per_s=f"{result.num_tokens / max(seconds, 1e-9):,.0f}", refresh=False)
+        report(num_done, num_units, result.num_tokens)
     progress.close()
+
+
+def _teacher_batches(teacher: Any, sequences: list[Any], config: BuildConfig) -> Iterator[SparseBatch]:
+    """The backend's outputs for ``sequences``: run_teacher below, or vLLM's prompt log-probs."""
+    if config.backend == "vllm":
+        from kdstore.vllm_backend import run_vllm_teacher
+
+        return run_vllm_teacher(teacher, sequences, config.k)
+    return run_teacher(teacher, sequences, config)
 
 
 def _progress(config: BuildConfig, total: int) -> Any:

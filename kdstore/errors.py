@@ -107,6 +107,14 @@ class BuildError(KdstoreError):
     hint = "fix the input named above and rerun; committed work is kept"
 
 
+class EngineError(BuildError):
+    hint = "check --engine, --ray-address and --num-gpus-per-worker (docs/build.md, Ray)"
+
+
+class BackendError(BuildError):
+    hint = "check --backend and the vLLM settings (docs/build.md, vLLM backend)"
+
+
 class OutputFolderError(BuildError):
     hint = "pick a new or empty --out folder: kdstore writes only into folders it made, and overwrites nothing else"
 

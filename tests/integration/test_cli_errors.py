@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import traceback
@@ -97,6 +98,8 @@ class Call:
     problems_ok: bool = False  # verify lists "problem: ..." lines before its Error line
     new: Path | None = None  # a folder the command was asked to create: may appear, but holding nothing store-like
     without_s3fs: bool = False  # run in a subprocess that cannot import s3fs
+    without: str = ""  # a module ("ray", "vllm"): run in a subprocess that cannot import it, installed or not
+    isolated: bool = False  # run in a subprocess: the command leaves process state behind (Ray sets RAY_AUTH_MODE)
     absent: tuple[Path, ...] = ()  # files that must not exist afterwards (a pickle's payload, ...)
     environ: dict[str, str] = field(default_factory=dict)
 
@@ -798,6 +801,84 @@ def _(w: World) -> Call:
     return build_call(w, "--device", "gpu", expect=("gpu",))
 
 
+@case("build-engine-ray-without-ray-installed")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", expect=("Ray", "kdstore[ray]"), without="ray")
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:  # bound, never listening: a connection is refused at once
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@case("build-ray-address-unreachable")
+def _(w: World) -> Call:
+    address = f"127.0.0.1:{_closed_port()}"
+    pytest.importorskip("ray")
+    return build_call(w, "--engine", "ray", "--ray-address", address, expect=(address, "ray start --head"))
+
+
+@case("build-ray-address-not-host-port")
+def _(w: World) -> Call:
+    pytest.importorskip("ray")
+    return build_call(w, "--engine", "ray", "--ray-address", "headnode", expect=("'headnode'", "HOST:PORT"))
+
+
+@case("build-ray-cluster-with-fewer-gpus-than-asked")
+def _(w: World) -> Call:  # a local Ray instance of this machine's CPUs, started and stopped by the build
+    pytest.importorskip("ray")
+    return build_call(w, "--engine", "ray", "--num-gpus-per-worker", "64", expect=("--num-gpus-per-worker 64", "GPU(s)"),
+                      isolated=True)
+
+
+@case("build-ray-partition-given")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", "--num-partitions", "2", "--partition", "1", expect=("--partition 1",))
+
+
+@case("build-ray-device-cuda-without-gpus-per-worker")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", "--device", "cuda", expect=("--device cuda", "--num-gpus-per-worker"))
+
+
+@case("build-ray-vllm-without-gpus-per-worker")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", "--backend", "vllm", "-k", "8", expect=("--backend vllm", "--num-gpus-per-worker 1"))
+
+
+@case("build-num-gpus-per-worker-negative")
+def _(w: World) -> Call:
+    return build_call(w, "--engine", "ray", "--num-gpus-per-worker", "-1", expect=("num_gpus_per_worker = -1.0",))
+
+
+@case("build-backend-vllm-not-installed")
+def _(w: World) -> Call:
+    return build_call(w, "--backend", "vllm", "-k", "8", expect=("vLLM", "pip install vllm"), without="vllm")
+
+
+@case("build-backend-vllm-max-logprobs-below-k")
+def _(w: World) -> Call:
+    toml = w.write("build.toml", 'backend = "vllm"\n[vllm_options]\nmax_logprobs = 20\n')
+    return build_call(w, "--config", str(toml), "-k", "64",
+                      expect=("max_logprobs = 20", "K = 64", "raise max_logprobs under [vllm_options]"))
+
+
+@case("build-backend-vllm-with-sampled-draws")
+def _(w: World) -> Call:
+    return build_call(w, "--backend", "vllm", "--sampled-draws", "16", expect=("--sampled-draws 16", "--backend vllm"))
+
+
+@case("build-backend-vllm-teacher-it-cannot-load")
+def _(w: World) -> Call:
+    pytest.importorskip("vllm", reason="needs vLLM (and the GPU it runs on)")
+    teacher = w.teacher()
+    config = json.loads((teacher / "config.json").read_text())
+    (teacher / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
+    return build_call(w, "--backend", "vllm", "--teacher", str(teacher), "-k", "8",
+                      expect=("vLLM cannot load teacher", str(teacher)))
+
+
 # -- train ---------------------------------------------------------------------------
 def train_call(w: World, *args: str, store: str | None = None, student: str | None = None, steps: bool = True,
                **call: object) -> Call:
@@ -1224,9 +1305,11 @@ def snapshot(paths: list[Path], leave_out: Path | None = None) -> dict[str, obje
 
 
 def run_cli(call: Call, cwd: Path, monkeypatch) -> tuple[int, str]:
-    if call.without_s3fs:
+    if call.without_s3fs or call.without or call.isolated:
         environ = {**os.environ, "HF_HUB_OFFLINE": "1", **call.environ}
-        done = subprocess.run([sys.executable, "-c", WITHOUT_S3FS, *call.args], cwd=cwd, env=environ, timeout=120,
+        hidden = "s3fs" if call.without_s3fs else call.without
+        script = WITHOUT_S3FS.replace("sys.modules['s3fs'] = None; ", f"sys.modules[{hidden!r}] = None; " if hidden else "")
+        done = subprocess.run([sys.executable, "-c", script, *call.args], cwd=cwd, env=environ, timeout=120,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         return done.returncode, done.stdout
     for key, value in call.environ.items():
