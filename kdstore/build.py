@@ -302,8 +302,10 @@ def run_teacher(teacher: Teacher, sequences: list[Any], config: BuildConfig) -> 
 class _BackgroundWriter:
     """Encodes teacher outputs and writes them on a thread; errors surface on the main thread."""
 
-    def __init__(self, writer: ShardWriter, codec: CodecConfig, schema: Any, depth: int = 4) -> None:
+    def __init__(self, writer: ShardWriter, codec: CodecConfig, schema: Any, depth: int = 4,
+                 encode: Any = None) -> None:
         self.writer, self.codec, self.schema = writer, codec, schema
+        self.encode = encode or (lambda row: encode_row(codec, row))  # kdstore generate passes its own
         self.queue: queue.Queue[list[dict[str, Any]] | None] = queue.Queue(maxsize=depth)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="kdstore-writer", daemon=True)
@@ -324,7 +326,7 @@ class _BackgroundWriter:
     def _work(self) -> None:
         try:
             while (rows := self.queue.get()) is not None:
-                encoded = [encode_row(self.codec, row) for row in rows]
+                encoded = [self.encode(row) for row in rows]
                 self.writer.write(rows_to_table(self.schema, encoded))
         except BaseException as exc:  # handed to the main thread, which re-raises it
             self.error = exc
