@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -210,11 +211,18 @@ def generate(config: GenerateConfig) -> GenerateResult:
                              num_partitions=config.num_partitions, shard_bytes=config.shard_bytes,
                              row_group_bytes=min(config.row_group_bytes, config.shard_bytes), tokenizer_dir=scratch)
         compute_started = time.perf_counter()
+        created = not Path(config.out).exists()
         try:
             with writer, _BackgroundWriter(writer, codec, schema, encode=partial(encode_completion, codec)) as background:
                 _run_partition(config, job, teacher, tokenizer, writer, background, result)
-        except OSError as exc:
-            raise _write_error(config.out, exc) from None
+        except BaseException as exc:
+            # a folder this run made and committed nothing to is removed: a failed first run leaves nothing that
+            # looks like a store. Only with one partition: others may be writing into a folder they share.
+            if created and config.num_partitions == 1 and not writer.shards:
+                shutil.rmtree(config.out, ignore_errors=True)
+            if isinstance(exc, OSError):
+                raise _write_error(config.out, exc) from None
+            raise
     result.compute_seconds = time.perf_counter() - compute_started
     result.seconds = time.perf_counter() - started
     if writer.finalized is not None:
@@ -230,25 +238,27 @@ def _run_partition(config: GenerateConfig, job: _Job, teacher: Teacher, tokenize
     extract = answer_extractor(config.answer_config())
     progress = tqdm(total=len(job.prompts), unit="prompt", desc=f"partition {config.partition}",
                     disable=not config.progress, mininterval=2.0)
-    for start in range(0, len(job.prompts), config.unit_prompts):
-        prompts = job.prompts[start:start + config.unit_prompts]
-        token_ids = job.token_ids[start:start + config.unit_prompts]
-        if skip >= len(prompts) * config.n:
-            skip -= len(prompts) * config.n
+    try:  # closed on an error too, so the error line starts a line of its own
+        for start in range(0, len(job.prompts), config.unit_prompts):
+            prompts = job.prompts[start:start + config.unit_prompts]
+            token_ids = job.token_ids[start:start + config.unit_prompts]
+            if skip >= len(prompts) * config.n:
+                skip -= len(prompts) * config.n
+                progress.update(len(prompts))
+                continue
+            rows = _generate_unit(config, prompts, token_ids, teacher, tokenizer, extract)
+            new = rows[skip:]
+            background.put(new)
+            skip = 0
+            result.num_prompts += len({r["prompt_id"] for r in new})
+            result.num_completions += len(new)
+            result.num_tokens += sum(len(r["token_logprobs"]) for r in new)
+            result.num_without_answer += sum(r["answer"] is None for r in new if config.answer_extractor != "none")
+            result.num_with_reference += sum(r["correct"] is not None for r in new)
+            result.num_correct += sum(bool(r["correct"]) for r in new)
             progress.update(len(prompts))
-            continue
-        rows = _generate_unit(config, prompts, token_ids, teacher, tokenizer, extract)
-        new = rows[skip:]
-        background.put(new)
-        skip = 0
-        result.num_prompts += len({r["prompt_id"] for r in new})
-        result.num_completions += len(new)
-        result.num_tokens += sum(len(r["token_logprobs"]) for r in new)
-        result.num_without_answer += sum(r["answer"] is None for r in new if config.answer_extractor != "none")
-        result.num_with_reference += sum(r["correct"] is not None for r in new)
-        result.num_correct += sum(bool(r["correct"]) for r in new)
-        progress.update(len(prompts))
-    progress.close()
+    finally:
+        progress.close()
     if result.num_completions and result.num_without_answer == result.num_completions:
         result.notes.append(f"the answer extractor ({config.answer_extractor}) found no answer in any completion; "
                             "check --answer-extractor / --answer-pattern against `kdstore head`")

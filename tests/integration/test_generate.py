@@ -273,3 +273,83 @@ def test_kill_9_at_random_points_then_rerun_gives_the_uninterrupted_store(tmp_pa
     assert [s["sha256"] for s in finished["shards"]] == [s["sha256"] for s in whole["shards"]]
     assert verify_store(open_store(target, tables=GENERATIONS)) == []
     shutil.rmtree(target)
+
+
+# -- verify, info, head ----------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory, tiny_teacher) -> Path:
+    root = tmp_path_factory.mktemp("generated")
+    generate(config(tiny_teacher, prompt_file(root / "p.jsonl"), root / "g", temperature=1.0))
+    return root / "g"
+
+
+@pytest.mark.parametrize("column, change, problem", [
+    ("total_logprob", lambda v: v + 1.0, "total_logprob is not the sum"),
+    ("finish_reason", lambda v: "tired", "finish_reason is not stop or length"),
+    ("prompt_num_tokens", lambda v: 0, "prompt_num_tokens does not fit"),
+    ("correct", lambda v: None, "correct is null while a reference_answer is given"),
+    ("vote_share", lambda v: 1.5, "vote_share disagrees"),
+    ("sample_index", lambda v: 7, "sequence_id is not PROMPT_ID/SAMPLE"),
+])
+def test_verify_names_each_broken_generations_invariant(generated, column, change, problem):
+    import pyarrow as pa
+
+    from kdstore.verify import check_generation_rows
+
+    store = open_store(generated, tables=GENERATIONS)
+    shard = store.manifest.shards[0]
+    table = store.read_row_group(store.open_shard(shard), shard, 0)
+    assert check_generation_rows(store.codec, table, store.manifest.build) == []
+    values = table[column].to_pylist()
+    values[1] = change(values[1])
+    broken = table.set_column(table.schema.get_field_index(column), table.schema.field(column),
+                              pa.array(values, type=table.schema.field(column).type))
+    problems = check_generation_rows(store.codec, broken, store.manifest.build)
+    assert any(problem in p and "p0/0001" in p for p in problems), problems
+
+
+def test_verify_names_a_token_logprob_that_disagrees_with_its_code(generated):
+    import pyarrow as pa
+
+    from kdstore.verify import check_generation_rows
+
+    store = open_store(generated, tables=GENERATIONS)
+    shard = store.manifest.shards[0]
+    table = store.read_row_group(store.open_shard(shard), shard, 0)
+    values = table["token_logprobs"].to_pylist()
+    values[0][0] -= 3.0
+    broken = table.set_column(table.schema.get_field_index("token_logprobs"), table.schema.field("token_logprobs"),
+                              pa.array(values, type=table.schema.field("token_logprobs").type))
+    problems = check_generation_rows(store.codec, broken, store.manifest.build)
+    assert any("differ from their target code" in p for p in problems), problems
+
+
+def test_info_summarises_prompts_completions_tokens_accuracy_and_votes(generated):
+    result = CliRunner().invoke(cli, ["info", str(generated), "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    rows = frame(generated)
+    assert (summary["table"], summary["num_prompts"], summary["num_completions"]) == ("generations", 6, 18)
+    assert summary["generated_tokens"] == sum(len(t) for t in rows["token_logprobs"].to_list())
+    assert summary["finish_reasons"] == dict(rows["finish_reason"].value_counts().sort("finish_reason").iter_rows())
+    assert summary["mean_vote_share"] == pytest.approx(rows.group_by("prompt_id").agg(pl.first("vote_share"))["vote_share"]
+                                                       .mean(), abs=1e-4)
+    text = CliRunner().invoke(cli, ["info", str(generated)]).output
+    assert "num_prompts: 6" in text and "accuracy" in text
+
+
+def test_head_shows_a_prompt_its_completions_and_the_teachers_alternatives(generated):
+    result = CliRunner().invoke(cli, ["head", str(generated), "--id", "p2/0001", "-n", "3", "--top", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    rows = frame(generated).filter(pl.col("prompt_id") == "p2")
+    assert lines[0].startswith("prompt p2 (") and "3 completions" in lines[0]
+    completions = [line for line in lines if line.startswith("completion ")]
+    assert [line.split()[1].rstrip(":") for line in completions] == rows["sequence_id"].to_list()
+    for line, answer in zip(completions, rows["answer"].to_list()):
+        assert f"answer {answer!r}" in line
+    alternatives = [line for line in lines if " p=" in line]
+    assert len(alternatives) == sum(min(3, len(t)) for t in rows["token_logprobs"].to_list())
+    assert all(line.count(" | ") == 2 and "tail" in line for line in alternatives)
+    missing = CliRunner().invoke(cli, ["head", str(generated), "--id", "nothing"])
+    assert missing.exit_code == 1 and "no prompt 'nothing'" in missing.output
