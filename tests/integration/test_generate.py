@@ -353,3 +353,59 @@ def test_head_shows_a_prompt_its_completions_and_the_teachers_alternatives(gener
     assert all(line.count(" | ") == 2 and "tail" in line for line in alternatives)
     missing = CliRunner().invoke(cli, ["head", str(generated), "--id", "nothing"])
     assert missing.exit_code == 1 and "no prompt 'nothing'" in missing.output
+
+
+# -- training on completions -----------------------------------------------------------------------------------
+def test_completions_are_served_with_the_prompt_masked_and_the_stored_top_k_on_the_completion(generated):
+    from kdstore.collate import IGNORE_INDEX, Collator, widen
+    from kdstore.completions import CompletionCollator, CompletionDataset, CompletionFilter, select_completions
+    from kdstore.generation_view import _decoded
+
+    store = open_store(generated, tables=GENERATIONS)
+    rows = select_completions(store, CompletionFilter())
+    dataset, collate = CompletionDataset(store, rows), CompletionCollator(Collator(store.codec))
+    batch = widen(collate([dataset[i] for i in range(len(dataset))]), collate.logprob_table)
+    table = store.read_row_group(store.open_shard(store.manifest.shards[0]), store.manifest.shards[0], 0)
+    for b in range(table.num_rows):
+        row = _decoded(store, table.slice(b, 1))
+        start, length = row["prompt_num_tokens"], len(row["input_ids"])
+        labels = batch["labels"][b]
+        assert (labels[:start - 1] == IGNORE_INDEX).all() and (labels[length - 1:] == IGNORE_INDEX).all()
+        assert labels[start - 1:length - 1].tolist() == row["input_ids"][start:].tolist()  # the completion tokens
+        assert torch.equal(batch["topk_ids"][b, start - 1:length - 1], torch.from_numpy(row["topk_ids"].astype(np.int64)))
+        assert torch.equal(batch["topk_logprobs"][b, start - 1:length - 1], torch.from_numpy(row["topk_logprobs"]))
+
+
+def test_filters_keep_correct_majority_best_of_and_where_as_polars_computes_them(generated):
+    from kdstore.completions import CompletionFilter, select_completions
+
+    store = open_store(generated, tables=GENERATIONS)
+    rows = frame(generated).with_row_index("row")
+    def chosen(**selection) -> list[int]:
+        return select_completions(store, CompletionFilter(**selection)).tolist()
+    assert chosen(only_majority=True) == rows.filter(pl.col("agrees_with_majority"))["row"].to_list()
+    assert chosen(only_correct=True) == rows.filter(pl.col("correct"))["row"].to_list()
+    best = rows.sort("total_logprob", descending=True).group_by("prompt_id").head(1)["row"].sort().to_list()
+    assert chosen(best_of=1) == best
+    long = rows.filter(pl.col("input_ids").list.len() - pl.col("prompt_num_tokens") > 6)["row"].to_list()
+    assert chosen(where="num_completion_tokens > 6") == long
+    with pytest.raises(Exception, match="not a column"):
+        chosen(where="read_csv('/etc/passwd')")
+
+
+def test_kdstore_train_takes_a_generations_store_kd_and_ce_only(generated, tmp_path):
+    config = _toml(tmp_path, "val_sequences = 3")
+    for name, loss in (("kd", []), ("ce", ["--ce-weight", "1"])):
+        result = CliRunner().invoke(cli, ["train", str(generated), "--student", "preset:quarter", "--out",
+                                          str(tmp_path / name), "--steps", "3", "--batch-size", "4", *loss,
+                                          "--config", str(config)])
+        assert result.exit_code == 0, result.output
+        assert "training" in result.output and (tmp_path / name / "student" / "config.json").exists()
+    wrong = CliRunner().invoke(cli, ["train", str(generated), "--student", "preset:quarter", "--out", str(tmp_path / "x"),
+                                     "--steps", "1", "--config", str(_toml(tmp_path, 'completion_where = "vote_share > 2"'))])
+    assert wrong.exit_code == 1 and "no completion" in wrong.output
+
+
+def _toml(folder: Path, text: str) -> Path:
+    (folder / "train.toml").write_text(text + "\n")
+    return folder / "train.toml"
