@@ -164,8 +164,8 @@ class CompletionCollator:
 
 def open_completion_data(config: Any, storage_options: dict[str, Any] | None = None) -> Any:
     """``kdstore train`` on a generations store: the filtered completions, split by prompt so that no prompt has
-    completions on both sides. Validation: ``val_fraction`` of the prompts by id hash, or the prompts of lowest
-    id hash until ``val_sequences`` completions, or all (filtered) completions of a generations ``val_store``."""
+    completions on both sides. Validation: ``val_fraction`` of the (filtered) prompts by id hash, or the prompts of
+    lowest id hash until ``val_sequences`` completions, or every completion of a generations ``val_store``."""
     from kdstore.errors import TrainError
     from kdstore.store import open_store
     from kdstore.train import Data, held_out, id_hash
@@ -184,7 +184,7 @@ def open_completion_data(config: Any, storage_options: dict[str, Any] | None = N
     collate = CompletionCollator(Collator(store.codec))
     if config.val_store:
         val_store = open_store(config.val_store, storage_options, tables=("generations",))
-        val_dataset = CompletionDataset(val_store, select_completions(val_store, selection))
+        val_dataset = CompletionDataset(val_store)  # read whole: the filters choose what to train on
         return Data(dataset, np.arange(len(dataset)), val_dataset, np.arange(len(val_dataset)), collate, collate)
     prompts = completion_frame(store).get_column("prompt_id").to_numpy()[rows]
     if config.val_sequences:
