@@ -102,7 +102,7 @@ def generation_head(store: Store, prompt_id: str | None, num_positions: int, top
                            hint="omit --id to show the first prompt; --id takes a prompt id or a sequence id")
     show = (lambda i: repr(tokenizer.decode([int(i)]))) if tokenizer else (lambda i: f"#{int(i)}")
     first = rows[0]
-    yield f"prompt {first['prompt_id']} ({first['prompt_num_tokens']} tokens, {len(rows)} completions), " \
+    yield f"prompt {first['prompt_id']} ({first['prompt_num_tokens']} tokens, {len(rows)} completion{'s' * (len(rows) != 1)}), " \
           f"reference answer: {first['reference_answer']!r}"
     yield from (f"  | {line}" for line in first["prompt"].splitlines() or [""])
     for row in rows:

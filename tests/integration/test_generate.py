@@ -409,3 +409,19 @@ def test_kdstore_train_takes_a_generations_store_kd_and_ce_only(generated, tmp_p
 def _toml(folder: Path, text: str) -> Path:
     (folder / "train.toml").write_text(text + "\n")
     return folder / "train.toml"
+
+
+def test_filters_choose_what_to_train_on_and_a_generations_val_store_is_read_whole(generated, tmp_path):
+    config = _toml(tmp_path, f'completion_where = "sample_index = 0"\nval_store = "{generated}"\nsteps = 1')
+    result = CliRunner().invoke(cli, ["train", str(generated), "--student", "preset:quarter", "--out", str(tmp_path / "r"),
+                                      "--config", str(config), "--batch-size", "2"])
+    assert result.exit_code == 0, result.output
+    assert "on 6 sequences" in result.output and "validating on 18 sequences" in result.output
+    from conftest import write_store
+    from kdstore.codec import CodecConfig
+    from kdstore.errors import TrainError
+    from kdstore.train import TrainConfig, open_data
+
+    logits_store = write_store(tmp_path / "logits", CodecConfig(k=4, vocab_size=50), num_sequences=4)
+    with pytest.raises(TrainError, match="only_correct, only_majority, best_of and completion_where"):
+        open_data(TrainConfig(store=str(logits_store), student="unused", only_correct=True))
