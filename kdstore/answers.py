@@ -19,17 +19,20 @@ look like mathematics (digits, operators, LaTeX; no ``:``): it reads ``11:15`` a
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from decimal import Decimal
 from typing import Literal
 
 from kdstore.errors import GenerateError
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?::\d\d)?|-?\.\d+")
 _ANSWER_IS = re.compile(r"the (?:final )?answer is[:\s]*", re.IGNORECASE)
+_DECIMAL = re.compile(r"^-?\d+(?:\.\d+)?$")
 _MATHS = re.compile(r"^[\s\d.,+\-*/^()\[\]{}=\\a-zA-Z%$]*\d[\s\d.,+\-*/^()\[\]{}=\\a-zA-Z%$]*$")
 
 
@@ -96,17 +99,31 @@ def answers_match(answer: str | None, reference: str | None) -> bool:
     """Whether ``answer`` matches ``reference`` (module docstring); False when either is None."""
     if answer is None or reference is None:
         return False
-    if normalise(answer) == normalise(reference):
+    return _match(answer.strip(), reference.strip())
+
+
+@functools.lru_cache(maxsize=65536)  # n samples of a prompt share a reference and often an answer
+def _match(answer: str, reference: str) -> bool:
+    plain_answer, plain_reference = normalise(answer), normalise(reference)
+    if plain_answer == plain_reference:
         return True
+    if _DECIMAL.match(plain_answer) and _DECIMAL.match(plain_reference):  # plain numbers: no parser needed
+        return Decimal(plain_answer) == Decimal(plain_reference)
     if not (_MATHS.match(answer) and _MATHS.match(reference)) or ":" in answer + reference:
         return False
-    from math_verify import parse, verify
+    from math_verify import verify
+
+    # no timeouts: math-verify's use signal.alarm, which only the main thread may set
+    gold, target = _parsed(reference), _parsed(answer)
+    return bool(gold and target and verify(gold, target, timeout_seconds=None))
+
+
+@functools.lru_cache(maxsize=65536)
+def _parsed(text: str) -> list:
+    from math_verify import parse
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call that timeouts are off
-    # no timeouts: math-verify's use signal.alarm, which only the main thread may set
-    gold = parse(reference if "$" in reference else f"${reference}$", parsing_timeout=None)
-    target = parse(answer if "$" in answer else f"${answer}$", parsing_timeout=None)
-    return bool(gold and target and verify(gold, target, timeout_seconds=None))
+    return parse(text if "$" in text else f"${text}$", parsing_timeout=None)
 
 
 def majority(answers: Sequence[str | None]) -> tuple[str | None, float | None]:

@@ -42,7 +42,7 @@ def sample_tokens(logits: torch.Tensor, uniforms: torch.Tensor, settings: Sampli
     """fp32 logits [B, V], uniforms [B] in [0, 1) -> drawn token ids [B] (module docstring)."""
     if settings.temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits / settings.temperature
+    scaled = logits / settings.temperature if settings.temperature != 1.0 else logits  # not written to below
     if 0 < settings.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, settings.top_k, dim=-1).values[:, -1:]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from kdstore.answers import AnswerConfig, answer_extractor, answers_match, majority
+from kdstore.answers import AnswerConfig, answer_extractor, answers_match, majority, normalise
 from kdstore.build import DEFAULT_TEACHER, _BackgroundWriter, _write_error, tokenizer_info
 from kdstore.codec import CodecConfig, encode_positions
 from kdstore.config_file import check_config, read_toml_config
@@ -334,7 +334,9 @@ def _vote(rows: list[dict[str, Any]]) -> None:
     winner, share = majority([r["answer"] for r in rows])
     for r in rows:
         r["majority_answer"], r["vote_share"] = winner, share
-        r["agrees_with_majority"] = None if winner is None else (r["answer"] is not None and answers_match(r["answer"], winner))
+        # the same equality the vote counted by (normalised text), not the looser mathematical one
+        r["agrees_with_majority"] = None if winner is None else \
+            (r["answer"] is not None and normalise(r["answer"]) == normalise(winner))
 
 
 def encode_completion(codec: CodecConfig, row: dict[str, Any]) -> dict[str, Any]:
