@@ -41,6 +41,7 @@ from kdstore.errors import GenerateError
 from kdstore.format import FORMAT_VERSION, TABLE_GENERATIONS, Manifest, generations_schema
 from kdstore.prompts import Prompt, PromptFields, check_chat_template, prompt_token_ids, read_prompts
 from kdstore.records import check_output_folder
+from kdstore.store import is_url
 from kdstore.teacher import Teacher, load_teacher, load_tokenizer
 from kdstore.writer import DEFAULT_ROW_GROUP_BYTES, ShardWriter
 
@@ -188,6 +189,9 @@ def generate(config: GenerateConfig) -> GenerateResult:
     """Generate (or resume) partition ``config.partition`` of the generations store at ``config.out``."""
     started = time.perf_counter()
     result = GenerateResult(out=config.out)
+    if is_url(config.out):
+        raise GenerateError(f"--out {config.out}: kdstore generate writes a local folder",
+                            hint="generate into a local folder; the store can then be read or shared from there")
     check_output_folder(Path(config.out))  # someone's folder is refused before minutes of loading
     tokenizer = load_tokenizer(config.teacher, config.trust_remote_code)
     fields = PromptFields(config.prompt_field, config.answer_field or None, config.id_field or None)

@@ -908,6 +908,13 @@ def _(w: World) -> Call:
                 expect=(str(w.tmp / "notes"), "not empty"))
 
 
+@case("generate-out-is-a-url")
+def _(w: World) -> Call:
+    prompts = w.write("prompts.jsonl", json.dumps(PROBLEM) + "\n")
+    return Call(["generate", str(prompts), "--out", "s3://bucket/gens", "--device", "cpu"],
+                expect=("s3://bucket/gens", "local folder"))
+
+
 @case("generate-into-a-logits-store")
 def _(w: World) -> Call:
     store = w.built_copy()
