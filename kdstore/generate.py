@@ -38,7 +38,7 @@ from kdstore.config_file import check_config, read_toml_config
 from kdstore.corpus import partition_of
 from kdstore.decode import BatchOutput, SamplingSettings, decode_batch
 from kdstore.errors import GenerateError
-from kdstore.format import FORMAT_VERSION, TABLE_GENERATIONS, Manifest, generations_schema
+from kdstore.format import FORMAT_VERSION, TABLE_GENERATIONS, Manifest, generations_schema, sha256_named_files
 from kdstore.prompts import Prompt, PromptFields, check_chat_template, prompt_token_ids, read_prompts
 from kdstore.records import check_output_folder
 from kdstore.store import is_url
@@ -99,7 +99,8 @@ class GenerateConfig:
         keys = ("n", "temperature", "top_p", "top_k", "max_new_tokens", "stop", "chat_template", "system",
                 "prompt_field", "answer_field", "id_field", "answer_extractor", "answer_pattern", "too_long", "seed",
                 "batch_size", "unit_prompts")
-        return {"prompts": str(Path(self.prompts)), **{k: getattr(self, k) for k in keys}, "stop": list(self.stop)}
+        return {"prompts": str(Path(self.prompts)), "prompts_sha256": _prompts_sha256(Path(self.prompts)),
+                **{k: getattr(self, k) for k in keys}, "stop": list(self.stop)}
 
     def answer_config(self) -> AnswerConfig:
         return AnswerConfig(self.answer_extractor, self.answer_pattern)
@@ -140,6 +141,12 @@ class GenerateResult:
         lines.append(f"store {self.out}: {self.total_bytes:,} bytes (kdstore info {self.out})" if self.finished else
                      f"partition done; the manifest is written when every partition of {self.out} has finished")
         return lines
+
+
+def _prompts_sha256(path: Path) -> str | None:
+    """The prompt file's content hash (a saved dataset: its files'), so a resume from an edited file is refused."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return sha256_named_files(files, with_names=path.is_dir()) if all(f.is_file() for f in files) else None
 
 
 def sample_seed(seed: int, prompt_id: str, sample_index: int) -> int:

@@ -425,3 +425,13 @@ def test_filters_choose_what_to_train_on_and_a_generations_val_store_is_read_who
     logits_store = write_store(tmp_path / "logits", CodecConfig(k=4, vocab_size=50), num_sequences=4)
     with pytest.raises(TrainError, match="only_correct, only_majority, best_of and completion_where"):
         open_data(TrainConfig(store=str(logits_store), student="unused", only_correct=True))
+
+
+def test_resuming_from_an_edited_prompt_file_is_refused(tmp_path, tiny_teacher):
+    from kdstore.errors import StoreMismatchError
+
+    prompts = prompt_file(tmp_path / "p.jsonl")
+    generate(config(tiny_teacher, prompts, tmp_path / "g", n=1))
+    prompt_file(prompts, seed=1)
+    with pytest.raises(StoreMismatchError, match="prompts_sha256"):
+        generate(config(tiny_teacher, prompts, tmp_path / "g", n=1))
