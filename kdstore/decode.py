@@ -97,8 +97,8 @@ def decode_batch(teacher: Teacher, prompts: list[list[int]], uniforms: torch.Ten
     uniforms = uniforms.to(device)
     draw_uniforms = draw_uniforms.to(device) if draw_uniforms is not None else None
     eos = torch.tensor(sorted(eos_ids) or [-1], device=device)
-    cache_name = _cache_argument(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    cache_name, keep_last = _cache_argument(model), _keep_last_logits(model)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **keep_last)
     cache, logits = getattr(out, cache_name), out.logits[:, -1].float()
     batch = len(prompts)
     running = torch.ones(batch, dtype=torch.bool, device=device)
@@ -133,6 +133,13 @@ def decode_batch(teacher: Teacher, prompts: list[list[int]], uniforms: torch.Ten
 def _cache_argument(model: torch.nn.Module) -> str:
     """The name of the KV-cache argument and output: ``cache`` from transformers 5.24 on, ``past_key_values`` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _keep_last_logits(model: torch.nn.Module) -> dict[str, int]:
+    """The prefill needs the last position's logits only: ``logits_to_keep`` (``num_logits_to_keep`` before
+    transformers 4.50); a model with neither computes all of them."""
+    parameters = inspect.signature(model.forward).parameters
+    return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), {})
 
 
 def _apply_stop_strings(token: torch.Tensor, running: torch.Tensor, host_tokens: list[list[int]],
