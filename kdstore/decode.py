@@ -136,8 +136,8 @@ def _cache_argument(model: torch.nn.Module) -> str:
 
 
 def _keep_last_logits(model: torch.nn.Module) -> dict[str, int]:
-    """The prefill needs the last position's logits only: ``logits_to_keep`` (``num_logits_to_keep`` before
-    transformers 4.50); a model with neither computes all of them."""
+    """The prefill needs the last position's logits only: ``logits_to_keep`` (``num_logits_to_keep`` in older
+    transformers); a model with neither computes all of them."""
     parameters = inspect.signature(model.forward).parameters
     return next(({name: 1} for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), {})
 
