@@ -74,9 +74,15 @@ def info(store: str, as_json: bool, storage_options: tuple[str, ...]) -> None:
       kdstore info my-store --json | jq .bytes_per_token
       kdstore info s3://bucket/store --storage-option endpoint_url=http://127.0.0.1:9000
     """
+    from kdstore.format import TABLE_GENERATIONS, TABLE_LOGITS
+    from kdstore.generation_view import generation_summary
     from kdstore.store import open_store
 
-    summary = open_store(store, _options(storage_options)).summary()
+    opened = open_store(store, _options(storage_options), tables=(TABLE_LOGITS, TABLE_GENERATIONS))
+    summary = opened.summary()
+    if opened.manifest.table == TABLE_GENERATIONS:  # counts, tokens, accuracy and votes of the completions
+        summary.pop("num_positions")
+        summary.update(generation_summary(opened))
     if as_json:
         click.echo(json.dumps(summary, indent=1))
         return
@@ -96,10 +102,11 @@ def verify(store: str, storage_options: tuple[str, ...]) -> None:
     Example:
       kdstore verify my-store && echo sound
     """
+    from kdstore.format import TABLE_GENERATIONS, TABLE_LOGITS
     from kdstore.store import open_store
     from kdstore.verify import verify_store
 
-    opened = open_store(store, _options(storage_options))
+    opened = open_store(store, _options(storage_options), tables=(TABLE_LOGITS, TABLE_GENERATIONS))
     problems = verify_store(opened)
     if problems:
         for problem in problems:
@@ -263,6 +270,57 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
         click.echo(finalize_store(config.out))
         return
     for line in run_build(config, _options(storage_options)).summary_lines():
+        click.echo(line)
+
+
+@cli.command()
+@click.argument("prompts", type=click.Path())
+@click.option("--teacher", default=None, help="Model folder or hub id. [default: the bundled tiny teacher]")
+@click.option("--out", default=None, help="Store folder to write or resume. [default: kdstore-generations]")
+@click.option("-n", "n", type=int, default=None, help="Completions per prompt. [default: 4]")
+@click.option("--temperature", type=float, default=None, help="Sampling temperature; 0 is greedy. [default: 1.0]")
+@click.option("--top-p", type=float, default=None, help="Nucleus sampling threshold. [default: 1.0: off]")
+@click.option("--top-k", type=int, default=None, help="Sample from the k likeliest tokens. [default: 0: off]")
+@click.option("--max-new-tokens", type=int, default=None, help="Tokens per completion at most. [default: 128]")
+@click.option("--stop", multiple=True,
+              help="Stop string, kept at the end of the completion (repeatable; \\n and \\t mean newline and tab).")
+@click.option("--chat-template", is_flag=True, default=None, help="Render prompts with the tokenizer's chat template.")
+@click.option("--system", default=None, help="System message (a first line when there is no chat template).")
+@click.option("--prompt-field", default=None, help="Field holding the prompt text or messages. [default: prompt]")
+@click.option("--answer-field", default=None, help="Field holding the reference answer. [default: answer]")
+@click.option("--answer-extractor", type=click.Choice(["numeric", "boxed", "regex", "none"]), default=None,
+              help="How answers are read from completions. [default: numeric]")
+@click.option("--answer-pattern", default=None, help="Regular expression for --answer-extractor regex; group 1 is the answer.")
+@click.option("--too-long", type=click.Choice(["refuse", "skip"]), default=None,
+              help="A prompt that cannot fit --max-new-tokens in the teacher's context: stop, or skip and count it. "
+                   "[default: refuse]")
+@click.option("-k", "k", type=int, default=None, help="Stored top-K entries per generated token. [default: 32]")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None, help="Teacher dtype.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:N or auto. [default: auto]")
+@click.option("--seed", type=int, default=None, help="Seeds every sample (with its prompt id and index). [default: 0]")
+@click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the teacher's own Python code.")
+@click.option("--num-partitions", type=int, default=None, help="Split the prompts into N independent partitions.")
+@click.option("--partition", type=int, default=None, help="Which partition this process generates (0-based).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="generate.toml; flags override it.")
+def generate(prompts: str, config_file: str | None, **flags: Any) -> None:
+    """Sample teacher completions for PROMPTS and store them with the teacher's per-token top-K and checked answers.
+
+    PROMPTS is a .jsonl or .parquet file or a saved HF datasets folder, one prompt (text or a
+    messages list) per record, optionally with a reference answer. Rerunning the same command
+    resumes after a crash or Ctrl-C. docs/generate.md has the details.
+
+    \b
+    Example:
+      kdstore generate problems.jsonl --out gens -n 4 --temperature 0.8 --stop "\\n\\n"
+      kdstore generate chats.parquet --teacher ./chat-model --chat-template --system "Be brief." --out gens
+      kdstore generate gsm.jsonl --teacher ./model --out gens --answer-extractor boxed --config generate.toml
+    """
+    from kdstore.generate import generate as run_generate
+    from kdstore.generate import resolved_config
+
+    stop = tuple(s.replace("\\n", "\n").replace("\\t", "\t") for s in flags["stop"])  # a shell passes \n as two characters
+    config = resolved_config({**flags, "prompts": prompts, "stop": stop or None}, config_file)
+    for line in run_generate(config).summary_lines():
         click.echo(line)
 
 

@@ -8,6 +8,10 @@ Public API::
 
     from kdstore.build import BuildConfig, build   # loads torch and transformers
     build(BuildConfig(corpus=("docs/",), teacher="my-teacher", out="store"))
+
+    from kdstore.generate import GenerateConfig, generate   # teacher completions (docs/generate.md)
+    generate(GenerateConfig(prompts="problems.jsonl", teacher="my-teacher", out="gens", n=4))
+    gens = kdstore.open_store("gens", tables=("generations",))
 """
 
 __version__ = "0.1.0"

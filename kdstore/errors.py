@@ -157,3 +157,12 @@ class ResumeMismatchError(TrainError):
 
 class NonFiniteLossError(TrainError):
     hint = "lower --lr, raise warmup_steps or check the batch named above; resume from the last good checkpoint"
+
+
+# -- generating completions ---------------------------------------------------
+class PromptError(KdstoreError):
+    hint = "check the prompt file and --prompt-field / --answer-field (docs/generate.md)"
+
+
+class GenerateError(KdstoreError):
+    hint = "fix the input named above and rerun with the same --out; committed completions are kept"

@@ -86,34 +86,64 @@ def logits_schema(codec: CodecConfig, score_columns: tuple[str, ...] = ()) -> pa
     return pa.schema(fields)
 
 
-def generations_schema() -> pa.Schema:
-    """Arrow schema of a generations shard: one row per prompt, several completions."""
-    topk = pa.struct(
-        [
-            pa.field("topk_id_deltas", _list(pa.uint32()), nullable=False),
-            pa.field("topk_logprob_codes", _list(pa.uint8()), nullable=False),
+# Per-completion columns of a generations table besides the per-position ones it shares with the logits table.
+GENERATION_COLUMNS = ("prompt_id", "sample_index", "prompt", "reference_answer", "prompt_num_tokens", "text",
+                      "token_logprobs", "total_logprob", "finish_reason", "seed", "temperature", "top_p", "top_k",
+                      "answer", "correct", "majority_answer", "agrees_with_majority", "vote_share")
+
+
+def generations_schema(codec: CodecConfig) -> pa.Schema:
+    """Arrow schema of a generations shard: one row per completion (docs/format.md says why).
+
+    ``input_ids`` [T] holds the prompt's P tokens then the completion's C tokens. The per-position columns
+    (``topk_*``, ``tail_logmass_codes``, ``target_logprob_codes``, sampled draws) hold C positions, coded as in
+    the logits table: completion position c is the teacher's distribution over ``input_ids[P + c]`` given the
+    tokens before it, at temperature 1, whatever the sampling temperature was. ``token_logprobs`` [C] is the
+    same target log-prob unquantised (float32).
+    """
+    code = pa.from_numpy_dtype(codec.codebook.dtype)
+    fields = [
+        pa.field("sequence_id", pa.string(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("sample_index", pa.int32(), nullable=False),
+        pa.field("prompt", pa.string(), nullable=False),
+        pa.field("reference_answer", pa.string(), nullable=True),
+        pa.field("input_ids", _list(pa.int32()), nullable=False),
+        pa.field("prompt_num_tokens", pa.int32(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("topk_id_deltas", _list(pa.uint32()), nullable=False),
+        pa.field("topk_logprob_codes", _list(code), nullable=False),
+        pa.field("tail_logmass_codes", _list(code), nullable=False),
+        pa.field("target_logprob_codes", _list(code), nullable=False),
+    ]
+    if codec.sampled_draws:
+        fields += [
+            pa.field("sampled_num_ids", _list(pa.uint16()), nullable=False),
+            pa.field("sampled_id_deltas", _list(pa.uint32()), nullable=False),
+            pa.field("sampled_counts", _list(pa.uint16()), nullable=False),
         ]
-    )
-    completion = pa.struct(
-        [
-            pa.field("text", pa.string(), nullable=False),
-            pa.field("token_ids", _list(pa.int32()), nullable=False),
-            pa.field("token_logprobs", _list(pa.float32()), nullable=False),
-            pa.field("topk", topk, nullable=True),
-            pa.field("finish_reason", pa.string(), nullable=False),
-            pa.field("answer", pa.string(), nullable=True),
-            pa.field("correct", pa.bool_(), nullable=True),
-        ]
-    )
-    return pa.schema(
-        [
-            pa.field("prompt_id", pa.string(), nullable=False),
-            pa.field("prompt", pa.string(), nullable=False),
-            pa.field("prompt_ids", _list(pa.int32()), nullable=False),
-            pa.field("reference_answer", pa.string(), nullable=True),
-            pa.field("completions", _list(completion), nullable=False),
-        ]
-    )
+    fields += [
+        pa.field("token_logprobs", _list(pa.float32()), nullable=False),
+        pa.field("total_logprob", pa.float64(), nullable=False),
+        pa.field("finish_reason", pa.string(), nullable=False),
+        pa.field("seed", pa.int64(), nullable=False),
+        pa.field("temperature", pa.float32(), nullable=False),
+        pa.field("top_p", pa.float32(), nullable=False),
+        pa.field("top_k", pa.int32(), nullable=False),
+        pa.field("answer", pa.string(), nullable=True),
+        pa.field("correct", pa.bool_(), nullable=True),
+        pa.field("majority_answer", pa.string(), nullable=True),
+        pa.field("agrees_with_majority", pa.bool_(), nullable=True),
+        pa.field("vote_share", pa.float32(), nullable=True),
+    ]
+    return pa.schema(fields)
+
+
+def table_schema(table: str, codec: CodecConfig, columns: list[str] | tuple[str, ...] = ()) -> pa.Schema:
+    """The schema a manifest's ``table`` and codec describe (score columns: those of ``columns`` a logits store has)."""
+    if table == TABLE_GENERATIONS:
+        return generations_schema(codec)
+    return logits_schema(codec, tuple(c for c in columns if c in SCORE_COLUMNS))
 
 
 def shard_name(partition: int, index: int) -> str:

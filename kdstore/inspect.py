@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from kdstore.errors import KdstoreError
-from kdstore.format import SCORE_COLUMNS
+from kdstore.format import SCORE_COLUMNS, TABLE_GENERATIONS, TABLE_LOGITS
+from kdstore.generation_view import generation_head
 from kdstore.store import Store, open_store
 
 # the words --where accepts besides column names (case-insensitive)
@@ -117,7 +118,13 @@ def format_head(path: str | os.PathLike[str], num_positions: int, top: int, sequ
             raise KdstoreError(f"{flag} {value}: expected 1 or more", hint=f"pass {flag} 1 or more")
     if sequence_id is not None and where is not None:
         raise KdstoreError("--id and --where both pick the sequence", hint="pass one of them")
-    store = open_store(path, storage_options)
+    store = open_store(path, storage_options, tables=(TABLE_LOGITS, TABLE_GENERATIONS))
+    if store.manifest.table == TABLE_GENERATIONS:  # one prompt and its completions (kdstore/generation_view.py)
+        if where is not None:
+            raise KdstoreError("--where reads logits stores; a generations store is picked by --id PROMPT_ID",
+                               hint="filter completions with polars on the shards (docs/generate.md)")
+        yield from generation_head(store, sequence_id, num_positions, top, load_store_tokenizer(store))
+        return
     header = ""
     if where is not None:
         found, num_read = matching_ids(store, where)

@@ -34,6 +34,7 @@ import pyarrow as pa
 
 from kdstore.codec import CodecConfig, encode_positions
 from kdstore.errors import BuildError, KdstoreError
+from kdstore.format import rows_to_table
 from kdstore.teacher import HostCopy
 from kdstore.writer import ShardWriter
 
@@ -53,6 +54,12 @@ class SparseBatch:
 
     indices: np.ndarray
     copy: HostCopy
+
+
+@dataclass
+class _Rows:
+    rows: list[dict[str, Any]]  # finished rows of another table kind (kdstore generate's completions)
+    encode: Callable[[dict[str, Any]], dict[str, Any]]  # one row -> its stored columns
 
 
 @dataclass
@@ -171,7 +178,16 @@ class HostPipeline:
             self._encode.put((sequences, batch), self._raise_if_failed)
         self._encode.put(_UnitEnd(skip), self._raise_if_failed)
 
+    def put_rows(self, rows: list[dict[str, Any]], encode: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Queue finished rows: each is encoded by ``encode`` on the encode thread; they are written in order."""
+        self._encode.put(_Rows(rows, encode), self._raise_if_failed)
+
     def _encode_item(self, item: Any) -> None:
+        if isinstance(item, _Rows):
+            table = rows_to_table(self.schema, [item.encode(row) for row in item.rows])
+            if table.num_rows:
+                self._write.put(table, self._raise_if_write_failed)
+            return
         if isinstance(item, _UnitEnd):
             table, self._unit = unit_rows(self._unit, item.skip), []
             if table.num_rows:

@@ -50,9 +50,9 @@ from kdstore.format import (
     TOKENIZER_DIR,
     Manifest,
     ShardInfo,
-    logits_schema,
     safe_relative_path,
     sha256_named_files,
+    table_schema,
 )
 from kdstore.integrity import RangeReader, VerifiedShardFile, local_reader, shard_checksums
 
@@ -96,8 +96,12 @@ def filesystem(location: str, storage_options: dict[str, Any] | None = None) -> 
     return fs, path.rstrip("/") or path
 
 
-def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[str, Any] | None = None) -> Store:
-    """Open the store at ``location``: a local folder or an fsspec URL (``s3://``, ``gs://``, ``hf://``, ``file://``)."""
+def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[str, Any] | None = None,
+               tables: tuple[str, ...] = (TABLE_LOGITS,)) -> Store:
+    """Open the store at ``location``: a local folder or an fsspec URL (``s3://``, ``gs://``, ``hf://``, ``file://``).
+
+    ``tables``: the table kinds the caller reads; a generations store has completion positions only (docs/format.md),
+    so readers that assume T - 1 positions a sequence get the one-line refusal instead of wrong rows."""
     if isinstance(location, Store):
         return location
     text = str(location)
@@ -120,7 +124,7 @@ def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[s
         raise StorageError(f"cannot read {text}/{MANIFEST_NAME}: {type(exc).__name__}: {first_line}",
                            hint=_access_hint(text)) from None
     manifest = Manifest.from_json(manifest_text, f"{text}/{MANIFEST_NAME}")
-    return Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs)
+    return Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs, tables)
 
 
 def is_local_filesystem(fs: Any) -> bool:
@@ -167,16 +171,16 @@ class Store:
     """
 
     def __init__(self, location: str, manifest: Manifest, storage_options: dict[str, Any] | None, root: str,
-                 fs: Any = None) -> None:
+                 fs: Any = None, tables: tuple[str, ...] = (TABLE_LOGITS,)) -> None:
         self.location, self.manifest, self.storage_options, self.root = location, manifest, storage_options, root
         self._fs = (os.getpid(), fs) if fs is not None else None
         self._checked_whole: set[str] = set()  # version 1 shards whose whole-file sha256 matched, this process
-        if manifest.table != TABLE_LOGITS:
-            raise ManifestError(f"{location} is a {manifest.table!r} store; only 'logits' stores can be read in this version",
-                                hint="upgrade kdstore when it reads this table kind; the store itself is fine")
+        if manifest.table not in tables:
+            raise ManifestError(f"{location} is a {manifest.table!r} store; only {' or '.join(map(repr, tables))} "
+                                "stores can be read here", hint="info, verify and head read every table kind; "
+                                "the store itself is fine")
         self.codec: CodecConfig = manifest.codec_config()
-        scores = tuple(c for c in manifest.columns if c in SCORE_COLUMNS)
-        self.schema = logits_schema(self.codec, scores)
+        self.schema = table_schema(manifest.table, self.codec, manifest.columns)
         if list(self.schema.names) != list(manifest.columns):
             raise ManifestError(f"manifest columns {manifest.columns} do not match its codec {self.schema.names}")
 

@@ -65,8 +65,10 @@ from kdstore.checkpoint import (
     save_checkpoint,
 )
 from kdstore.collate import Collator, widen
+from kdstore.completions import CompletionFilter, open_completion_data
 from kdstore.config_file import check_config, read_toml_config
 from kdstore.errors import NonFiniteLossError, ResumeMismatchError, TrainError
+from kdstore.format import TABLE_GENERATIONS, TABLE_LOGITS
 from kdstore.loader import MemoryMappedDataset, Sequences, batch_stream, make_dataloader
 from kdstore.losses import LossConfig, distillation_loss
 from kdstore.progress import Feedback, Meter, validation_loss
@@ -78,6 +80,7 @@ from kdstore.teacher import resolve_device
 
 # fields that do not change what is computed
 RESUME_MAY_CHANGE = ("out", "device", "log_every", "cache_dir", "tensorboard")
+TABLES = (TABLE_LOGITS, TABLE_GENERATIONS)  # kdstore train reads both kinds of store
 MIN_VAL_SEQUENCES = 32  # fewer and the validation loss is noisy: warned about in the first lines
 
 
@@ -114,6 +117,11 @@ class TrainConfig:
     num_workers: Annotated[int, Field(ge=0)] = 0  # DataLoader workers per rank
     device: str = "auto"
     tensorboard: bool = False  # also log to RUN_DIR/tensorboard/ (needs the tensorboard package)
+    # a generations store only (kdstore/completions.py): which completions to train on
+    only_correct: bool = False  # completions whose answer matches the reference
+    only_majority: bool = False  # completions that agree with their prompt's majority answer
+    best_of: Annotated[int, Field(ge=0)] = 0  # then each prompt's N best by total_logprob; 0: all
+    completion_where: str = ""  # then an SQL condition over the completion columns (docs/generate.md)
 
     def __post_init__(self) -> None:
         for name, value in check_config(type(self), vars(self), TrainError).items():
@@ -172,7 +180,8 @@ def train(config: TrainConfig, *, resume: bool = False, log: Callable[[str], Non
     try:
         check_paths(config)  # before the store: a mistyped path fails at once
         # 3 before 2: a student that cannot be made fails from the manifest, before the store's Arrow copy is made
-        student = load_student(config.student, open_store(config.store, storage_options), config.seed).to(device)
+        student = load_student(config.student, open_store(config.store, storage_options, tables=TABLES),
+                               config.seed).to(device)
         data = open_data(config, storage_options)  # 2
         loader = make_dataloader(Sequences(data.dataset, data.train_rows), PlanConfig(config.batch_size, seed=config.seed),
                                  collator=data.collate, num_workers=config.num_workers)
@@ -334,6 +343,12 @@ class Data:
 def open_data(config: TrainConfig, storage_options: dict[str, Any] | None = None) -> Data:
     """STORE and the validation sequences: all of ``val_store``, or the held-out ``val_fraction`` of STORE;
     with ``val_sequences = N``, the N of either with the lowest id hashes."""
+    if open_store(config.store, storage_options, tables=TABLES).manifest.table == TABLE_GENERATIONS:
+        return open_completion_data(config, storage_options)  # completions as training sequences
+    if CompletionFilter(config.only_correct, config.only_majority, config.best_of, config.completion_where).is_set():
+        raise TrainError(f"only_correct, only_majority, best_of and completion_where choose completions of a "
+                         f"generations store; {config.store} is a logits store", hint="drop them")
+
     def mapped(store: str) -> MemoryMappedDataset:
         cache_dir = config.cache_dir or (str(Path(config.out) / "_cache") if "://" in store else None)
         return MemoryMappedDataset(store, cache_dir=cache_dir, storage_options=storage_options)

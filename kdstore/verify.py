@@ -19,6 +19,15 @@ Row invariants (vectorised over a row group):
   otherwise it is no larger than the smallest top-K log-prob and the tail mass
   (each within the quantisation bound);
 * sampled: counts sum to the number of draws, ids ascending and < vocab_size.
+
+A generations table (one row per completion, docs/format.md) passes the same checks on its completion
+positions, cut out as the logits row ``input_ids[P - 1:]`` (position c predicts ``input_ids[P + c]``), and:
+* 1 <= prompt_num_tokens <= len(input_ids); token_logprobs has one value per completion token, each within the
+  codec's bound of its target code; total_logprob is their sum;
+* sequence_id is PROMPT_ID/SAMPLE; sample_index < n; finish_reason is stop or length, and length only at
+  max_new_tokens tokens, which no completion passes;
+* correct is null exactly when reference_answer is; agrees_with_majority and vote_share are null exactly when
+  majority_answer is, and vote_share lies in (0, 1].
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ import pyarrow as pa
 from kdstore.arrow_copy import ArrowCopy, copy_path, sidecar_path
 from kdstore.codec import CodecConfig, sum_check_tolerance
 from kdstore.errors import KdstoreError
-from kdstore.store import Store, StoredRows
+from kdstore.format import TABLE_GENERATIONS
+from kdstore.store import Store, StoredRows, list_parts
 
 MAX_EXAMPLES = 3  # rows named per failed check, so a broken store does not flood the terminal
 
@@ -90,7 +100,10 @@ def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[s
             problems.append(str(exc))
             continue
         where = f"shard {shard.path} row group {group}"
-        problems += [f"{where}: {p}" for p in check_rows(store.codec, table)]
+        if store.manifest.table == TABLE_GENERATIONS:
+            problems += [f"{where}: {p}" for p in check_generation_rows(store.codec, table, store.manifest.build)]
+        else:
+            problems += [f"{where}: {p}" for p in check_rows(store.codec, table)]
         for sequence_id in table["sequence_id"].to_pylist():
             if sequence_id in seen_ids:
                 problems.append(f"{where}: sequence id {sequence_id!r} appears more than once in the store")
@@ -198,4 +211,71 @@ def _check_sampled(codec: CodecConfig, parts: dict[str, Any], ids: list[str], ro
     sampled_ids = running[1:] - np.repeat(running[starts], num_ids)
     if sampled_ids.size and sampled_ids.max() >= codec.vocab_size:
         problems.append(f"sampled ids >= vocab_size {codec.vocab_size}")
+    return problems
+
+
+def check_generation_rows(codec: CodecConfig, table: pa.Table, build: dict[str, Any]) -> list[str]:
+    """The generations invariants of the module docstring, for one Table of stored columns."""
+    ids = table["sequence_id"].to_pylist()
+    tokens, offsets = list_parts(table["input_ids"])
+    prompt_tokens = table["prompt_num_tokens"].to_numpy().astype(np.int64)
+    lengths = np.diff(offsets)
+    bad = (prompt_tokens < 1) | (prompt_tokens > lengths)
+    if bad.any():
+        return [f"{int(bad.sum())} completions whose prompt_num_tokens does not fit input_ids"
+                + _examples(ids, np.arange(len(ids)), bad)]
+    completion = lengths - prompt_tokens
+    # the completion positions as a logits row: tokens P-1 .. T-1, so position c predicts token P + c
+    starts = offsets[:-1] + prompt_tokens - 1
+    keep = np.concatenate([np.arange(a, b) for a, b in zip(starts, offsets[1:])]) if len(ids) else np.zeros(0, np.int64)
+    cut = pa.array(np.concatenate(([0], np.cumsum(completion + 1))).astype(np.int32))
+    as_logits = table.select([c for c in table.column_names if c in StoredRows.POSITION_COLUMNS or c.startswith("sampled_")
+                              or c == "sequence_id"])
+    as_logits = as_logits.append_column("input_ids", pa.ListArray.from_arrays(cut, pa.array(tokens[keep])))
+    problems = check_rows(codec, as_logits)
+    if problems and "length does not fit" in problems[0]:
+        return problems
+    row_of = np.repeat(np.arange(len(ids)), completion)
+    logprobs, logprob_offsets = list_parts(table["token_logprobs"])
+    if not np.array_equal(np.diff(logprob_offsets), completion):
+        return problems + ["token_logprobs does not hold one value per completion token"]
+    target_codes = list_parts(table["target_logprob_codes"])[0]
+    far = np.abs(codec.codebook.table[target_codes].astype(np.float64) - logprobs) > \
+        codec.codebook.max_log_error[target_codes] + 1e-4
+    far &= logprobs > codec.codebook.floor_logprob  # below the floor every value shares the last code
+    if far.any():
+        problems.append(f"{int(far.sum())} completion tokens whose token_logprobs differ from their target code"
+                        + _examples(ids, row_of, far))
+    sums = np.add.reduceat(logprobs.astype(np.float64), logprob_offsets[:-1]) if len(logprobs) else np.zeros(len(ids))
+    sums = np.where(completion > 0, sums, 0.0)
+    off = np.abs(sums - table["total_logprob"].to_numpy()) > 1e-3 * np.maximum(1.0, np.abs(sums))
+    problems += _generation_field_problems(table, ids, completion, build)
+    if off.any():
+        problems.append(f"{int(off.sum())} completions whose total_logprob is not the sum of token_logprobs"
+                        + _examples(ids, np.arange(len(ids)), off))
+    return problems
+
+
+def _generation_field_problems(table: pa.Table, ids: list[str], completion: np.ndarray, build: dict[str, Any]) -> list[str]:
+    column = {name: table[name].to_pylist() for name in ("prompt_id", "sample_index", "finish_reason", "reference_answer",
+                                                        "correct", "majority_answer", "agrees_with_majority", "vote_share")}
+    n, limit = int(build.get("n", 1 << 30)), int(build.get("max_new_tokens", 1 << 30))
+    checks = {
+        "whose sequence_id is not PROMPT_ID/SAMPLE": [i != f"{p}/{s:04d}" for i, p, s in
+                                                     zip(ids, column["prompt_id"], column["sample_index"])],
+        f"whose sample_index is not below n = {n}": [not 0 <= s < n for s in column["sample_index"]],
+        "whose finish_reason is not stop or length": [r not in ("stop", "length") for r in column["finish_reason"]],
+        f"with finish_reason length below max_new_tokens = {limit}, or more tokens than that":
+            [(r == "length" and c != limit) or c > limit for r, c in zip(column["finish_reason"], completion)],
+        "whose correct is null while a reference_answer is given, or set without one":
+            [(ref is None) != (ok is None) for ref, ok in zip(column["reference_answer"], column["correct"])],
+        "whose agrees_with_majority or vote_share disagrees with majority_answer":
+            [(m is None) != (a is None) or (m is None) != (v is None) or (v is not None and not 0 < v <= 1)
+             for m, a, v in zip(column["majority_answer"], column["agrees_with_majority"], column["vote_share"])],
+    }
+    problems = []
+    for what, flags in checks.items():
+        bad = np.asarray(flags, dtype=bool)
+        if bad.any():
+            problems.append(f"{int(bad.sum())} completions {what}" + _examples(ids, np.arange(len(ids)), bad))
     return problems

@@ -877,6 +877,135 @@ def _(w: World) -> Call:
     (teacher / "config.json").write_text(json.dumps({**config, "architectures": ["NoSuchModelForCausalLM"]}))
     return build_call(w, "--backend", "vllm", "--teacher", str(teacher), "-k", "8",
                       expect=("vLLM cannot load teacher", str(teacher)))
+# -- generate ----------------------------------------------------------------------
+PROBLEM = {"id": "q1", "prompt": "Question: Ben has 7 marbles and finds 5 more. How many marbles does he have?\nAnswer:",
+           "answer": "12"}
+
+
+def generate_call(w: World, *args: str, prompts: Path | None = None, **call: object) -> Call:
+    """``kdstore generate PROMPTS --out TMP/out --device cpu ARGS`` with the bundled teacher unless ``--teacher``."""
+    out = w.tmp / "out"
+    if prompts is None:
+        prompts = w.write("prompts.jsonl", json.dumps(PROBLEM) + "\n")
+    if "--teacher" not in args:
+        w.used.append(BUNDLED_TEACHER)
+    return Call(["generate", str(prompts), "--out", str(out), "--device", "cpu", "--max-new-tokens", "4", *args],
+                new=out, **call)
+
+
+@case("generate-n-0")
+def _(w: World) -> Call:
+    return generate_call(w, "-n", "0", expect=("n = 0", ">= 1"))
+
+
+@case("generate-prompt-longer-than-the-teachers-context")
+def _(w: World) -> Call:
+    return generate_call(w, "--max-new-tokens", "1010", expect=("prompt q1", "context of 1024", "--too-long skip"))
+
+
+@case("generate-chat-template-from-a-tokenizer-without-one")
+def _(w: World) -> Call:
+    return generate_call(w, "--chat-template", expect=("--chat-template", "has no chat template"))
+
+
+@case("generate-messages-without-a-chat-template")
+def _(w: World) -> Call:
+    prompts = w.write("chat.jsonl", json.dumps({"prompt": [{"role": "user", "content": "Hello"}]}) + "\n")
+    return generate_call(w, prompts=prompts, expect=("messages list", "--chat-template"))
+
+
+@case("generate-empty-prompt-file")
+def _(w: World) -> Call:
+    return generate_call(w, prompts=w.write("empty.jsonl", "\n"), expect=("empty.jsonl", "holds no prompts"))
+
+
+@case("generate-prompt-file-missing")
+def _(w: World) -> Call:
+    return generate_call(w, prompts=w.tmp / "nowhere.jsonl", expect=("nowhere.jsonl", "does not exist"))
+
+
+@case("generate-prompt-field-missing")
+def _(w: World) -> Call:
+    return generate_call(w, "--prompt-field", "question", expect=("record 1", "no 'question' field", "--prompt-field"))
+
+
+@case("generate-prompt-line-not-json")
+def _(w: World) -> Call:
+    prompts = w.write("broken.jsonl", json.dumps(PROBLEM) + "\n{not json\n")
+    return generate_call(w, prompts=prompts, expect=("line 2", "not JSON"))
+
+
+@case("generate-teacher-with-nan-logprobs")
+def _(w: World) -> Call:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = w.teacher()
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    return generate_call(w, "--teacher", str(folder), expect=("NaN or inf log-probs for prompt q1",))
+
+
+@case("generate-temperature-negative")
+def _(w: World) -> Call:
+    return generate_call(w, "--temperature", "-1", expect=("temperature = -1", ">= 0"))
+
+
+@case("generate-top-p-0")
+def _(w: World) -> Call:
+    return generate_call(w, "--top-p", "0", expect=("top_p = 0", "> 0"))
+
+
+@case("generate-k-above-the-vocabulary")
+def _(w: World) -> Call:
+    return generate_call(w, "-k", "5000", expect=("5000", "4096"))
+
+
+@case("generate-answer-pattern-not-a-regex")
+def _(w: World) -> Call:
+    return generate_call(w, "--answer-extractor", "regex", "--answer-pattern", "(", expect=("--answer-pattern", "regular"))
+
+
+@case("generate-answer-pattern-without-the-regex-extractor")
+def _(w: World) -> Call:
+    return generate_call(w, "--answer-pattern", "is (\\d+)", expect=("--answer-pattern", "--answer-extractor regex"))
+
+
+@case("generate-config-sets-trust-remote-code")
+def _(w: World) -> Call:
+    config = w.write("generate.toml", "trust_remote_code = true\n")
+    return generate_call(w, "--config", str(config), expect=("trust_remote_code", "--trust-remote-code"))
+
+
+@case("generate-config-unknown-key")
+def _(w: World) -> Call:
+    config = w.write("generate.toml", "samples = 4\n")
+    return generate_call(w, "--config", str(config), expect=("unknown keys: samples",))
+
+
+@case("generate-out-is-a-non-empty-folder-that-is-not-a-store")
+def _(w: World) -> Call:
+    w.write("notes/todo.txt", "buy milk\n")
+    prompts = w.write("prompts.jsonl", json.dumps(PROBLEM) + "\n")
+    return Call(["generate", str(prompts), "--out", str(w.tmp / "notes"), "--device", "cpu"],
+                expect=(str(w.tmp / "notes"), "not empty"))
+
+
+@case("generate-out-is-a-url")
+def _(w: World) -> Call:
+    prompts = w.write("prompts.jsonl", json.dumps(PROBLEM) + "\n")
+    return Call(["generate", str(prompts), "--out", "s3://bucket/gens", "--device", "cpu"],
+                expect=("s3://bucket/gens", "local folder"))
+
+
+@case("generate-into-a-logits-store")
+def _(w: World) -> Call:
+    store = w.built_copy()
+    prompts = w.write("prompts.jsonl", json.dumps(PROBLEM) + "\n")
+    return Call(["generate", str(prompts), "--out", str(store), "--device", "cpu", "-k", "4", "--max-new-tokens", "2"],
+                expect=(str(store),))
 
 
 # -- train ---------------------------------------------------------------------------

@@ -38,11 +38,16 @@ def test_logits_schema_in_code_matches_schemas_folder(codebook, tail, target, dr
         assert (field["type"], field["nullable"]) == (spec[field["name"]]["type"], spec[field["name"]]["nullable"])
 
 
-def test_generations_schema_in_code_matches_schemas_folder():
-    spec = _spec_fields("generations.arrow.json", "uint8")
-    for field in arrow_schema_to_spec(generations_schema()):
+@pytest.mark.parametrize("codebook", [Codebook(), Codebook(sqrt_scale=60, log_step=0.5)])
+@pytest.mark.parametrize("draws", [0, 16])
+def test_generations_schema_in_code_matches_schemas_folder(codebook, draws):
+    codec = CodecConfig(k=4, vocab_size=100, codebook=codebook, sampled_draws=draws)
+    spec = _spec_fields("generations.arrow.json", codec.to_dict()["logprobs"]["dtype"])
+    fields = arrow_schema_to_spec(generations_schema(codec))
+    present = {"always": True, "codec.sampled": bool(draws)}
+    assert [f["name"] for f in fields] == [name for name, f in spec.items() if present[f["present"]]]
+    for field in fields:
         assert (field["type"], field["nullable"]) == (spec[field["name"]]["type"], spec[field["name"]]["nullable"])
-    assert len(spec) == len(generations_schema())
 
 
 def _manifest_json(codec: CodecConfig) -> dict:
