@@ -386,6 +386,35 @@ def train(store: str, config_file: str | None, resume: bool, quiet: bool, storag
               storage_options=_options(storage_options), progress=False if quiet else None, log_steps=not quiet)
 
 
+@cli.command()
+@store_argument
+@click.option("--reference", required=True, help="Reference model folder: the store's tokenizer, far smaller than the teacher.")
+@click.option("--per-token", is_flag=True, help="Also keep each position's reference log-prob (token-level selection).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Reference dtype.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens per reference batch, padding included.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the reference's own Python code.")
+@click.option("--num-partitions", type=int, default=1, show_default=True, help="Split the pass into N independent partitions.")
+@click.option("--partition", type=int, default=0, show_default=True, help="Which partition this process scores (0-based).")
+def score(store: str, **flags: Any) -> None:
+    """Score every sequence of STORE with a small reference model, for `kdstore select`.
+
+    Writes one score file per shard (STORE/scores/, listed in the manifest with sha256): the teacher's and the
+    reference's mean log-prob per predicted token (the teacher's from the store itself). The logits shards are
+    not rewritten. Rerunning the same command resumes after a crash or Ctrl-C.
+
+    \b
+    Example:
+      kdstore score my-store --reference ./small-model
+      kdstore score my-store --reference ./small-model --per-token --device cuda
+    """
+    from kdstore.score import ScoreConfig, score_store
+
+    for line in score_store(ScoreConfig(store=store, **flags)).summary_lines():
+        click.echo(line)
+
+
 def main() -> None:
     cli(prog_name="kdstore")
 

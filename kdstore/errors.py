@@ -149,3 +149,16 @@ class ResumeMismatchError(TrainError):
 
 class NonFiniteLossError(TrainError):
     hint = "lower --lr, raise warmup_steps or check the batch named above; resume from the last good checkpoint"
+
+
+# -- scoring a store with a reference model and selecting from it (kdstore.score, kdstore.selection) ----------
+class ScoreError(KdstoreError):
+    hint = "see `kdstore score --help`"
+
+
+class SelectionError(KdstoreError):
+    hint = "see `kdstore select --help`"
+
+
+class ViewParentChangedError(SelectionError):
+    hint = "select again from the parent as it is now (kdstore select PARENT ... --out NEW)"

@@ -120,7 +120,12 @@ def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[s
         raise StorageError(f"cannot read {text}/{MANIFEST_NAME}: {type(exc).__name__}: {first_line}",
                            hint=_access_hint(text)) from None
     manifest = Manifest.from_json(manifest_text, f"{text}/{MANIFEST_NAME}")
-    return Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs)
+    store = Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs)
+    if manifest.view is not None:  # a selection: its parent opened and checked, its chosen rows loaded
+        from kdstore.selection import attach_parent
+
+        attach_parent(store)
+    return store
 
 
 def is_local_filesystem(fs: Any) -> bool:
@@ -171,6 +176,10 @@ class Store:
         self.location, self.manifest, self.storage_options, self.root = location, manifest, storage_options, root
         self._fs = (os.getpid(), fs) if fs is not None else None
         self._checked_whole: set[str] = set()  # version 1 shards whose whole-file sha256 matched, this process
+        # a selection view (kdstore.selection.attach_parent): the parent store, whose shards it reads, and per
+        # shard index the chosen rows (ascending) with their token counts
+        self.parent: Store | None = None
+        self.chosen: dict[int, tuple[np.ndarray, int]] = {}
         if manifest.table != TABLE_LOGITS:
             raise ManifestError(f"{location} is a {manifest.table!r} store; only 'logits' stores can be read in this version",
                                 hint="upgrade kdstore when it reads this table kind; the store itself is fine")
@@ -267,6 +276,8 @@ class Store:
             "num_partitions": m.num_partitions,
             "created_at": m.created_at,
             "kdstore_version": m.kdstore_version,
+            **({"view_of": self.parent.location, "view_rule": m.view.get("rule")} if self.parent is not None else {}),
+            **({"scores": m.scores["columns"], "reference": m.scores["reference"]["model"]} if m.scores else {}),
         }
 
     # -- files -------------------------------------------------------------
@@ -281,6 +292,39 @@ class Store:
 
     def _shard(self, shard: ShardInfo | int) -> ShardInfo:
         return self.manifest.shards[shard] if isinstance(shard, int) else shard
+
+    def _index(self, shard: ShardInfo | int) -> int:
+        return shard if isinstance(shard, int) else [s.path for s in self.manifest.shards].index(shard.path)
+
+    def shard_counts(self, shard: ShardInfo | int) -> tuple[int, int]:
+        """(sequences, tokens) this store reads from ``shard``: all of it, or a view's chosen rows."""
+        if self.parent is None:
+            info = self._shard(shard)
+            return info.num_rows, info.num_tokens
+        rows, tokens = self.chosen.get(self._index(shard), (np.zeros(0, np.int64), 0))
+        return len(rows), tokens
+
+    def row_group_sizes(self, shard: ShardInfo | int, parquet: pq.ParquetFile | None = None) -> list[int]:
+        """Rows this store reads from each row group of ``shard`` (a view: only the chosen ones)."""
+        metadata = (parquet or self.open_shard(shard)).metadata
+        sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        if self.parent is None:
+            return sizes
+        rows = self.chosen.get(self._index(shard), (np.zeros(0, np.int64), 0))[0]
+        return np.diff(np.searchsorted(rows, np.concatenate([[0], np.cumsum(sizes)]))).tolist()
+
+    def score_columns(self) -> tuple[str, ...]:
+        """The per-sequence score columns of this store: the score files' (kdstore score), else the shards'."""
+        from kdstore.score import score_columns
+
+        return score_columns(self)
+
+    def score_table(self, columns: list[str] | None = None) -> pa.Table:
+        """``sequence_id`` and the per-sequence ``columns`` (None: all of ``score_columns``), in store order:
+        read from the score files (checked against their sha256 in the manifest) or the shards."""
+        from kdstore.score import read_score_table
+
+        return read_score_table(self, columns)
 
     def _reader(self, shard: ShardInfo) -> RangeReader:
         path, fs, location = self.file_path(shard.path), self.fs, self.location
@@ -311,6 +355,8 @@ class Store:
 
     def check_shard_file(self, shard: ShardInfo | int) -> None:
         """The whole file against the manifest: size, sha256, and (format 2) footer and row-group checksums."""
+        if self.parent is not None:  # a view reads its parent's shards, whose hashes it recorded
+            return self.parent.check_shard_file(self._index(shard))
         shard = self._shard(shard)
         size = self._size(shard)
         read = self._reader(shard)
@@ -327,6 +373,8 @@ class Store:
 
     def open_shard(self, shard: ShardInfo | int) -> pq.ParquetFile:
         """A shard as a ParquetFile that reads only verified bytes, its schema and essentials checked."""
+        if self.parent is not None:
+            return self.parent.open_shard(self._index(shard))
         shard = self._shard(shard)
         size = self._size(shard)
         if shard.footer_sha256 is not None:
@@ -363,11 +411,18 @@ class Store:
         """Row group ``group`` of an opened shard; a damaged one is a named error naming shard and row group."""
         shard = self._shard(shard)
         try:
-            return parquet.read_row_group(group, columns=columns)
+            table = parquet.read_row_group(group, columns=columns)
         except KdstoreError:
             raise
         except (OSError, pa.ArrowException) as exc:  # a page checksum, a bad encoding, ...
             raise ShardCorruptError(f"shard {shard.path} row group {group} cannot be read: {exc}") from None
+        if self.parent is None:
+            return table
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(group + 1)]
+        first = sum(sizes[:-1])
+        rows = self.chosen.get(self._index(shard), (np.zeros(0, np.int64), 0))[0]
+        inside = rows[np.searchsorted(rows, first):np.searchsorted(rows, first + sizes[-1])] - first
+        return table.take(pa.array(inside, pa.int64()))
 
     # -- reading -----------------------------------------------------------
     def stored_columns(self, columns: list[str] | None) -> list[str]:
