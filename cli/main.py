@@ -415,6 +415,39 @@ def score(store: str, **flags: Any) -> None:
         click.echo(line)
 
 
+@cli.command()
+@store_argument
+@click.option("--out", required=True, help="New local folder for the view (or, with --materialize, the store).")
+@click.option("--by", type=click.Choice(["difference", "teacher-nll", "reference-nll", "ratio"]), default="difference",
+              show_default=True, help="Score to rank by; difference = reference NLL - teacher NLL (MiniPLM).")
+@click.option("--keep", type=float, default=0.5, show_default=True, help="Fraction kept, in (0, 1].")
+@click.option("--sample", type=float, default=None, metavar="TEMPERATURE",
+              help="Draw the kept sequences with P ~ exp(score / TEMPERATURE) instead of taking the top.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
+@click.option("--lowest", is_flag=True, help="Keep the lowest scores instead of the highest.")
+@click.option("--where", default=None, metavar="SQL", help="Only sequences satisfying this condition over the score "
+              "columns (teacher_score, reference_score, difference, ratio, num_tokens, ...) are candidates.")
+@click.option("--materialize", is_flag=True, help="Write the kept rows as new shards instead of a view.")
+def select(store: str, **flags: Any) -> None:
+    """Keep the sequences of a scored STORE worth distilling (MiniPLM difference sampling).
+
+    Writes a view: a folder whose manifest names STORE and the kept sequence ids, checked against STORE's
+    hashes whenever it is opened; every command and loader reads it like a store. Corpus order is kept.
+
+    \b
+    Example:
+      kdstore score my-store --reference ./small-model
+      kdstore select my-store --by difference --keep 0.5 --out half
+      kdstore select my-store --keep 0.5 --sample 0.5 --where "num_tokens > 64" --out sampled
+      kdstore select my-store --keep 0.3 --materialize --out top-store
+    """
+    from kdstore.selection import SelectConfig
+    from kdstore.selection import select as run_select
+
+    for line in run_select(SelectConfig(store=store, **flags)).summary_lines():
+        click.echo(line)
+
+
 def main() -> None:
     cli(prog_name="kdstore")
 

@@ -271,7 +271,9 @@ class Store:
             "num_tokens": m.num_tokens,
             "num_positions": m.num_tokens - m.num_sequences,
             "total_bytes": m.total_bytes,
-            "bytes_per_token": round(m.total_bytes / m.num_tokens, 2) if m.num_tokens else None,
+            # of the shards read (a view: the parent's, so per token of the parent)
+            "bytes_per_token": round(m.total_bytes / shard_tokens, 2) if (shard_tokens := sum(
+                s.num_tokens for s in m.shards)) else None,
             "num_shards": len(m.shards),
             "num_partitions": m.num_partitions,
             "created_at": m.created_at,
@@ -443,7 +445,9 @@ class Store:
         for shard in self.manifest.shards:
             parquet = self.open_shard(shard)
             for group in range(parquet.num_row_groups):
-                yield self.read_row_group(parquet, shard, group, stored)
+                table = self.read_row_group(parquet, shard, group, stored)
+                if table.num_rows or self.parent is None:  # a view skips the row groups it chose nothing from
+                    yield table
 
     def iter_batches(self, columns: list[str] | None = None, format: str = "numpy") -> Iterator[dict[str, Any]]:
         """Decoded ragged batches, one per row group. ``format``: "numpy" or "torch".
