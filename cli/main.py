@@ -224,6 +224,8 @@ def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool
 @click.option("--partition", type=int, default=None, help="Which partition this process builds (0-based).")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="build.toml; flags override it.")
 @click.option("--finalize", "finalize_only", is_flag=True, help="Only write the manifest of finished partitions.")
+@click.option("--reference", default=None,
+              help="Also score every sequence with this small reference model in the same pass (as `kdstore score`).")
 @storage_option
 def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool, storage_options: tuple[str, ...],
           **flags: Any) -> None:
@@ -238,6 +240,7 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
       kdstore build --out demo-store
       kdstore build data/*.jsonl --teacher ./my-teacher --out store -k 64 --seq-len 1024
       kdstore build data/ --teacher ./my-teacher --out sampled-store -k 1 --sampled-draws 192
+      kdstore build data/ --teacher ./my-teacher --reference ./small-model --out store
       for i in 0 1 2 3; do kdstore build data/ --teacher ./my-teacher --out store --num-partitions 4 --partition $i & done; wait
       kdstore build data/ --teacher ./my-teacher --out s3://bucket/store --storage-option endpoint_url=http://minio:9000
     """

@@ -100,16 +100,11 @@ class ScoreResult:
 # -- the reference model -----------------------------------------------------
 def check_reference_tokenizer(store: Store, reference: str) -> None:
     """ScoreError unless ``reference`` tokenizes like the store: the same files (sha256), or the same ids."""
-    from kdstore.build import tokenizer_info
     from kdstore.teacher import load_tokenizer
     from kdstore.vocab import IDENTICAL, compare_vocab
 
     tokenizer = load_tokenizer(reference)
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer.save_pretrained(scratch)
-        theirs = tokenizer_info(tokenizer, Path(scratch))["files_sha256"]
+    theirs = _tokenizer_sha256(tokenizer)
     ours = store.manifest.tokenizer.get("files_sha256")
     if theirs == ours:
         return
@@ -270,15 +265,17 @@ def check_context(store: Store, model: Teacher, reference: str) -> None:
                          hint="use a reference with a longer context (max_position_embeddings)")
 
 
-def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None = None) -> ScoreResult:
-    """Score (or resume scoring) partition ``config.partition`` of the store; ``precomputed``: the reference
-    log-probs by sequence id that ``kdstore build --reference`` already has (the rest is computed here)."""
+def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None = None,
+                model: Teacher | None = None) -> ScoreResult:
+    """Score (or resume scoring) partition ``config.partition`` of the store; ``precomputed`` and ``model``: the
+    reference log-probs by sequence id and the loaded reference that ``kdstore build --reference`` already has
+    (the rest is computed here)."""
     started = time.perf_counter()
     store = open_scorable(config.store)
     check_reference_tokenizer(store, config.reference)
     from kdstore.teacher import load_teacher
 
-    model = load_teacher(config.reference, config.dtype, config.device, config.trust_remote_code)
+    model = model or load_teacher(config.reference, config.dtype, config.device, config.trust_remote_code)
     check_context(store, model, config.reference)
     info = reference_info(model, config.per_token)
     recorded = store.manifest.scores
@@ -441,3 +438,51 @@ def score_file_problems(store: Store) -> list[str]:
         except KdstoreError as exc:
             problems.append(str(exc))
     return problems
+
+
+# -- kdstore build --reference: the reference in the build's own corpus pass ----------------------
+class ReferencePass:
+    """The reference's next-token log-probs of every sequence a build writes, kept by sequence id until the store
+    is finished; then ``finish`` writes the same score files as ``kdstore score`` without running it again."""
+
+    def __init__(self, reference: str, *, dtype: str, device: str, batch_tokens: int, trust_remote_code: bool,
+                 seq_len: int, teacher_tokenizer: Any) -> None:
+        from kdstore.errors import BuildError
+        from kdstore.teacher import load_teacher, load_tokenizer
+
+        tokenizer = load_tokenizer(reference, trust_remote_code)
+        theirs, ours = _tokenizer_sha256(tokenizer), _tokenizer_sha256(teacher_tokenizer)
+        if theirs != ours and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+            raise BuildError(f"the reference {reference} has another tokenizer than the teacher (reference files_sha256 "
+                             f"{theirs}, teacher {ours})", hint="use a reference trained with the teacher's tokenizer")
+        self.model = load_teacher(reference, dtype, device, trust_remote_code)
+        if self.model.max_positions and seq_len > self.model.max_positions:
+            raise BuildError(f"the reference {reference} reads at most {self.model.max_positions} positions; "
+                             f"--seq-len is {seq_len}", hint=f"use --seq-len {self.model.max_positions} or less")
+        self.reference, self.device = reference, device
+        self.batch_tokens, self.trust_remote_code = batch_tokens, trust_remote_code
+        self.logprobs: dict[str, np.ndarray] = {}
+
+    def add(self, sequences: list[Any]) -> None:
+        """Run the reference over sequences the build is writing (objects with ``sequence_id`` and ``input_ids``)."""
+        values = reference_logprobs(self.model, [s.input_ids for s in sequences], self.batch_tokens)
+        self.logprobs.update({s.sequence_id: v for s, v in zip(sequences, values)})
+
+    def finish(self, out: str, finished: bool) -> list[str]:
+        """Write the score files once the store is finished (the last partition scores every shard)."""
+        if not finished:
+            return [f"the score files of {out} are written by the partition that finishes last "
+                    f"(or run `kdstore score {out} --reference {self.reference}`)"]
+        config = ScoreConfig(store=out, reference=self.reference, dtype=self.model.dtype_name, device=self.device,
+                             batch_tokens=self.batch_tokens, trust_remote_code=self.trust_remote_code, progress=False)
+        return score_store(config, self.logprobs, model=self.model).summary_lines()
+
+
+def _tokenizer_sha256(tokenizer: Any) -> str:
+    import tempfile
+
+    from kdstore.build import tokenizer_info
+
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        return tokenizer_info(tokenizer, Path(scratch))["files_sha256"]

@@ -1222,6 +1222,15 @@ def _(w: World) -> Call:
     return Call(["score", str(w.tmp / "view"), "--reference", str(BUNDLED_TEACHER)], expect=("is a selection view",))
 
 
+@case("build-reference-with-another-tokenizer")
+def _(w: World) -> Call:
+    from conftest import save_tiny_teacher
+
+    reference = save_tiny_teacher(w.tmp / "word-model")
+    return Call(["build", w.corpus, "--out", str(w.tmp / "out"), "--reference", str(reference), "-k", "4", "--seq-len",
+                 "16", "--device", "cpu"], expect=("another tokenizer", "reference files_sha256"), new=w.tmp / "out")
+
+
 @case("select-keep-zero")
 def _(w: World) -> Call:
     return Call(["select", w.built, "--by", "teacher-nll", "--keep", "0", "--out", str(w.tmp / "view")],

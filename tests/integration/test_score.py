@@ -112,3 +112,23 @@ def test_score_file_schema_in_code_matches_schemas_folder(per_token):
     assert [f["name"] for f in fields] == [n for n, f in spec.items() if f["present"] == "always" or per_token]
     for field in fields:
         assert (field["type"], field["nullable"]) == (spec[field["name"]]["type"], spec[field["name"]]["nullable"])
+
+
+def test_build_with_a_reference_writes_the_score_files_kdstore_score_writes(scored_pair, tmp_path, tiny_teacher):
+    store, _ = scored_pair
+    plain = Path(shutil.copytree(store, tmp_path / "plain"))
+    score_store(ScoreConfig(store=str(plain), reference=str(tiny_teacher), device="cpu", progress=False))
+    corpus = store.parent / "corpus"
+    both = tmp_path / "both"
+    result = build(BuildConfig(corpus=(str(corpus),), teacher=str(tiny_teacher), out=str(both), k=4, seq_len=16,
+                               progress=False, device="cpu", shard_bytes=1500, row_group_bytes=1500,
+                               reference=str(tiny_teacher)))
+    assert result.finished and any("score files" in line for line in result.summary_lines())
+    want, got = (json.loads((p / "manifest.json").read_text()) for p in (plain, both))
+    assert got["shards"] == want["shards"] and got["format_version"] == want["format_version"] == FORMAT_VERSION
+    drop = ("sha256", "num_bytes")  # the reference ran in other batches (a unit's, not a shard's): equal to ~1e-6
+    assert [{k: v for k, v in f.items() if k not in drop} for f in got["scores"]["files"]] == \
+        [{k: v for k, v in f.items() if k not in drop} for f in want["scores"]["files"]]
+    a, b = open_store(both).score_table(), open_store(plain).score_table()
+    assert a["sequence_id"].equals(b["sequence_id"]) and a["teacher_score"].equals(b["teacher_score"])
+    np.testing.assert_allclose(a["reference_score"].to_numpy(), b["reference_score"].to_numpy(), atol=1e-5)
