@@ -8,12 +8,12 @@ The teacher side costs nothing: the store already holds the teacher's log-prob o
 over the stored ``input_ids`` (no re-tokenisation), so its tokenizer must be the store's (kdstore.vocab).
 
 One score file per shard (``scores/part-P-N.parquet``, schemas/scores.arrow.json), row for row in the shard's
-order; the logits shards are never rewritten. A partition scores the shards it wrote (``part-P-*``, P modulo
-``num_partitions``). Each file is written whole under a temporary name and renamed (kdstore.writer.write_atomic)
-and records in its footer which shard (with sha256) and which reference it scores, so a rerun after kill -9
-keeps the finished files and redoes the rest; the manifest (format 3, its ``scores`` section listing every file
-with sha256) is rewritten once every shard has its file. Scores are means of log-probs per predicted token, in
-nats: higher is easier (docs/select.md).
+order; the logits shards are never rewritten. Partition p of n scores the shards whose index in the manifest
+is p modulo n. Each file is written whole under a temporary name and renamed (kdstore.writer.write_atomic) and
+records in its footer which shard (with sha256) and which reference it scores, so a rerun after kill -9 keeps
+the finished files and redoes the rest; the manifest (format 3, its ``scores`` section listing every file with
+sha256) is rewritten by whichever partition finds every shard with its file. Scores are means of log-probs per
+predicted token, in nats: higher is easier (docs/select.md).
 """
 
 from __future__ import annotations
@@ -290,8 +290,7 @@ def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None =
     from kdstore.writer import _lock, write_atomic
 
     with _lock(root / LOCK_DIR / f"score-{config.partition:05d}.lock", blocking=False):
-        mine = [i for i, shard in enumerate(store.manifest.shards) if _shard_partition(shard.path) % config.num_partitions
-                == config.partition]
+        mine = [i for i in range(len(store.manifest.shards)) if i % config.num_partitions == config.partition]
         for index in _progress(mine, config):
             shard = store.manifest.shards[index]
             path = root / score_file_name(shard.path)
@@ -321,14 +320,6 @@ def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None =
     if finished is not None:
         result.finished, result.score_bytes = True, sum(f["num_bytes"] for f in finished.scores["files"])
     return result
-
-
-def _shard_partition(path: str) -> int:
-    """The partition that wrote a shard (shards/part-PPPPP-NNNNNN.parquet); a merged store's names keep theirs."""
-    try:
-        return int(Path(path).name.split("-")[1])
-    except (IndexError, ValueError):
-        return 0
 
 
 def _progress(items: list[int], config: ScoreConfig) -> Any:
@@ -397,6 +388,19 @@ def read_score_table(store: Store, columns: list[str] | None = None) -> pa.Table
         return pa.concat_tables(tables) if tables else pa.table({"sequence_id": pa.array([], pa.string())})
     return pa.concat_tables([_read_score_file(store, entry, ["sequence_id", *wanted])
                              for entry in store.manifest.scores["files"]])
+
+
+def padded_reference_logprobs(reference_logprobs: Any, sequence_index: np.ndarray, width: int) -> np.ndarray:
+    """Per-token reference log-probs laid out like a collated batch's ``labels``: float32 [B, width], row b holding
+    the log-probs of sequence ``sequence_index[b]`` (store order) at positions 0 .. P-1 (position t predicts token
+    t+1, as ``labels[b, t]``), 0 elsewhere. ``reference_logprobs``: one array per sequence of the store, e.g.
+    ``store.score_table(["reference_logprobs"])["reference_logprobs"].to_numpy(zero_copy_only=False)``.
+    The result (as a tensor) is what ``kdstore.losses.select_tokens_by_gap`` takes as the reference."""
+    out = np.zeros((len(sequence_index), width), np.float32)
+    for row, index in enumerate(np.asarray(sequence_index)):
+        values = np.asarray(reference_logprobs[int(index)], np.float32)[:width]
+        out[row, :len(values)] = values
+    return out
 
 
 def missing_score_hint(name: str) -> str:

@@ -279,7 +279,8 @@ class Store:
             "created_at": m.created_at,
             "kdstore_version": m.kdstore_version,
             **({"view_of": self.parent.location, "view_rule": m.view.get("rule")} if self.parent is not None else {}),
-            **({"scores": m.scores["columns"], "reference": m.scores["reference"]["model"]} if m.scores else {}),
+            **({"scores": m.scores["columns"], "reference": m.scores["reference"]["model"],
+                "score_bytes": sum(f["num_bytes"] for f in m.scores["files"])} if m.scores else {}),
         }
 
     # -- files -------------------------------------------------------------

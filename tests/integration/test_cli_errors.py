@@ -1272,6 +1272,15 @@ def _(w: World) -> Call:
     return Call(["select", w.built, "--by", "teacher-nll", "--out", str(w.tmp / "mine")], expect=("not an empty folder",))
 
 
+@case("copy-a-view")
+def _(w: World) -> Call:
+    from kdstore.selection import SelectConfig, select
+
+    select(SelectConfig(store=str(w.built_copy()), out=str(w.tmp / "view"), by="teacher-nll"))
+    return Call(["copy", str(w.tmp / "view"), str(w.tmp / "copied")], expect=("selection view", "--materialize"),
+                new=w.tmp / "copied")
+
+
 @case("view-whose-parent-changed-since")
 def _(w: World) -> Call:
     from kdstore.selection import SelectConfig, select

@@ -132,3 +132,53 @@ def test_build_with_a_reference_writes_the_score_files_kdstore_score_writes(scor
     a, b = open_store(both).score_table(), open_store(plain).score_table()
     assert a["sequence_id"].equals(b["sequence_id"]) and a["teacher_score"].equals(b["teacher_score"])
     np.testing.assert_allclose(a["reference_score"].to_numpy(), b["reference_score"].to_numpy(), atol=1e-5)
+
+
+def test_per_token_reference_log_probs_feed_select_tokens_by_gap(scored_pair):
+    import torch
+
+    from kdstore.collate import Collator
+    from kdstore.losses import select_tokens_by_gap
+    from kdstore.score import padded_reference_logprobs
+
+    store = open_store(scored_pair[1])
+    per_token = store.score_table(["reference_logprobs"])["reference_logprobs"].to_numpy(zero_copy_only=False)
+    samples = _samples(store, [5, 0, 7, 2])
+    batch = Collator(store.codec)(samples)
+    reference = padded_reference_logprobs(per_token, batch["sequence_index"].numpy(), batch["labels"].shape[1])
+    mask = batch["labels"] != -100
+    assert np.array_equal(reference != 0, mask.numpy())  # a log-prob exactly where a label is
+    for row, index in enumerate([5, 0, 7, 2]):
+        assert np.array_equal(reference[row, :len(per_token[index])], per_token[index])
+    weights = select_tokens_by_gap(torch.zeros(mask.shape), torch.from_numpy(reference), mask, 0.5)
+    kept = torch.from_numpy(reference)[weights.bool()]
+    assert weights.sum() == int(np.ceil(0.5 * int(mask.sum()))) and kept.min() >= torch.from_numpy(reference)[
+        mask & ~weights.bool()].max()  # the student at log-prob 0 lags most where the reference is highest
+
+
+def _samples(store, indices: list[int]) -> list[dict]:
+    from kdstore.store import StoredRows
+
+    rows = []
+    for table in store.iter_tables():
+        stored = StoredRows(store.codec, table, len(rows))
+        rows += [stored.sample(i) for i in range(stored.num_rows)]
+    return [rows[i] for i in indices]
+
+
+def test_copy_takes_the_score_files_along(scored_pair, tmp_path):
+    from kdstore.transfer import copy_store
+
+    copy_store(scored_pair[1], tmp_path / "copy")
+    copied = open_store(tmp_path / "copy")
+    assert verify_store(copied) == [] and copied.score_table().equals(open_store(scored_pair[1]).score_table())
+
+
+def test_two_partitions_score_like_one_pass(scored_pair, tmp_path, tiny_teacher):
+    store, want = scored_pair
+    parts = Path(shutil.copytree(store, tmp_path / "parts"))
+    for partition in (1, 0):
+        result = score_store(ScoreConfig(store=str(parts), reference=str(tiny_teacher), per_token=True, device="cpu",
+                                         progress=False, num_partitions=2, partition=partition))
+        assert result.finished == (partition == 0) and result.num_files > 0
+    assert (parts / "manifest.json").read_text() == (want / "manifest.json").read_text()
