@@ -1,7 +1,8 @@
 """MiniPLM difference sampling at toy scale: does distilling the difference-selected half beat a random half?
 
-    .venv/bin/python benchmarks/select.py                  # about 10 minutes on 2 CPU cores
-    .venv/bin/python benchmarks/select.py --seeds 1 --steps 40   # a smoke run
+    .venv/bin/python benchmarks/select.py --work DIR   # 13 min of CPU (24 wall on 2 busy shared cores)
+    .venv/bin/python benchmarks/select.py --subsets teacher-easy --work DIR   # the control, same files: 4 min
+    .venv/bin/python benchmarks/select.py --seeds 2 --steps 10 --reference-steps 20   # a smoke run, under a minute
 
 Top to bottom, in one process and one temporary folder (``--work`` keeps it):
 
@@ -16,7 +17,8 @@ Top to bottom, in one process and one temporary folder (``--work`` keeps it):
    in the same batches; and the bytes the score files add per sequence, without and with ``--per-token``.
 5. ``kdstore select``: the half with the largest difference (reference NLL - teacher NLL), and a random half
    (``--sample`` at a temperature of 1e9: uniform, a new half per seed).
-6. Students (``STUDENT``) trained by ``kdstore.train`` on each of difference half, random half and everything,
+6. Students (``STUDENT``) trained by ``kdstore.train`` on each of difference half, random half and everything
+   (``--subsets``; ``teacher-easy``, the half the teacher finds easiest, is a control),
    with the same steps x batch x sequence length (same tokens: every sequence is packed to 128), with CE
    (``ce_weight`` 1) and with forward-KL KD from the store (``ce_weight`` 0), several seeds; validation loss =
    the student's cross-entropy on the held-out text, mean ± SEM over seeds.

@@ -123,7 +123,7 @@ def candidates(store: Store, config: SelectConfig) -> Any:
     import polars as pl
 
     from kdstore.inspect import parse_where, sequence_frame
-    from kdstore.score import missing_score_hint
+    from kdstore.score_table import missing_score_hint
 
     available = store.score_columns()
     for name in _NEEDS[config.by]:
@@ -289,12 +289,7 @@ def _read_selection(view: Store) -> pa.Table:
     import io
 
     recorded = view.manifest.view["selection"]
-    try:
-        data = view.fs.cat_file(view.file_path(recorded["file"]))
-    except FileNotFoundError:
-        raise SelectionError(f"view {view.location} lacks its {recorded['file']}") from None
-    if hashlib.sha256(data).hexdigest() != recorded["sha256"]:
-        raise SelectionError(f"{recorded['file']} of view {view.location} does not match its sha256 in the manifest")
+    data = view.read_listed_file(recorded["file"], recorded["sha256"])
     table = pq.read_table(io.BytesIO(data))
     if not table.schema.equals(SELECTION_SCHEMA, check_metadata=False) or table.num_rows != recorded["num_sequences"]:
         raise SelectionError(f"{recorded['file']} of view {view.location} is not the selection its manifest describes")

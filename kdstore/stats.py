@@ -229,7 +229,7 @@ def column_bytes(metadata: pq.FileMetaData) -> dict[str, tuple[int, int]]:
 def _decoded(store: Store) -> list[str]:
     """The decoded columns stats reads: tokens, ids and log-probs (always stored), and tail, target, draws and
     scores when the store has them."""
-    from kdstore.score import has_score_files
+    from kdstore.score_table import has_score_files
 
     scores = () if has_score_files(store) else SCORE_COLUMNS  # score files: read once, whole (store_stats)
     wanted = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "sampled", *scores]
@@ -257,7 +257,7 @@ def store_stats(location: str | os.PathLike[str] | Store, storage_options: dict[
             before = sizes.get(name, (0, 0))
             sizes[name] = (before[0] + compressed, before[1] + uncompressed)
         shards.append(_shard_figures(shard, parquet, tally.num_sequences - rows_before, tally.num_tokens - tokens_before))
-    from kdstore.score import has_score_files
+    from kdstore.score_table import has_score_files
 
     if has_score_files(store):  # per-sequence floats: one small table
         table = store.score_table(list(tally.scores))

@@ -293,6 +293,19 @@ class Store:
                 raise UnsafeFileError(f"{relative} in {self.location} is a symbolic link or lies outside the store")
         return path
 
+    def read_listed_file(self, relative: str, sha256: str, num_bytes: int | None = None) -> bytes:
+        """A small file the manifest lists with its sha256 (a score file, a view's selection), read and checked whole."""
+        try:
+            data = self.fs.cat_file(self.file_path(relative))
+        except FileNotFoundError:
+            raise ShardMissingError(f"{relative} listed in the manifest is missing from {self.location}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {relative} of {self.location}: {exc}", hint=_access_hint(self.location)) \
+                from None
+        if (num_bytes is not None and len(data) != num_bytes) or hashlib.sha256(data).hexdigest() != sha256:
+            raise ChecksumError(f"{relative} in {self.location} does not match its sha256 in the manifest")
+        return data
+
     def _shard(self, shard: ShardInfo | int) -> ShardInfo:
         return self.manifest.shards[shard] if isinstance(shard, int) else shard
 
@@ -318,14 +331,14 @@ class Store:
 
     def score_columns(self) -> tuple[str, ...]:
         """The per-sequence score columns of this store: the score files' (kdstore score), else the shards'."""
-        from kdstore.score import score_columns
+        from kdstore.score_table import score_columns
 
         return score_columns(self)
 
     def score_table(self, columns: list[str] | None = None) -> pa.Table:
         """``sequence_id`` and the per-sequence ``columns`` (None: all of ``score_columns``), in store order:
         read from the score files (checked against their sha256 in the manifest) or the shards."""
-        from kdstore.score import read_score_table
+        from kdstore.score_table import read_score_table
 
         return read_score_table(self, columns)
 

@@ -49,7 +49,7 @@ def verify_store(store: Store) -> list[str]:
             problems.append(str(exc))
     problems += _tokenizer_problems(store)
     if store.manifest.scores:
-        from kdstore.score import score_file_problems
+        from kdstore.score_table import score_file_problems
 
         problems += score_file_problems(store)
     problems += _arrow_copy_problems(store)

@@ -139,7 +139,7 @@ def test_per_token_reference_log_probs_feed_select_tokens_by_gap(scored_pair):
 
     from kdstore.collate import Collator
     from kdstore.losses import select_tokens_by_gap
-    from kdstore.score import padded_reference_logprobs
+    from kdstore.score_table import padded_reference_logprobs
 
     store = open_store(scored_pair[1])
     per_token = store.score_table(["reference_logprobs"])["reference_logprobs"].to_numpy(zero_copy_only=False)
