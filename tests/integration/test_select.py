@@ -123,3 +123,21 @@ def test_a_selection_from_a_view_is_a_view_of_the_parent(scored, tmp_path):
     nll = -table["teacher_score"].to_numpy()
     want = [table["sequence_id"][int(i)].as_py() for i in np.sort(np.argsort(-nll, kind="stable")[:round(len(nll) / 2)])]
     assert [s["sequence_id"] for s in quarter.iter_sequences()] == want
+
+
+def test_where_names_score_file_columns_and_the_derived_scores(scored, tmp_path):
+    from kdstore.inspect import matching_ids
+    from kdstore.stats import store_stats
+
+    table = open_store(scored).score_table()
+    difference = table["teacher_score"].to_numpy() - table["reference_score"].to_numpy()
+    threshold = float(np.median(difference))
+    select(SelectConfig(store=str(scored), out=str(tmp_path / "view"), keep=1.0, where=f"difference > {threshold}"))
+    want = [i for i, d in zip(table["sequence_id"].to_pylist(), difference) if d > threshold]
+    assert [s["sequence_id"] for s in open_store(tmp_path / "view").iter_sequences()] == want
+    median = float(np.median(table["reference_score"].to_numpy()))
+    found, num_read = matching_ids(open_store(scored), f"reference_score < {median}")
+    assert found == [i for i, r in zip(table["sequence_id"].to_pylist(), table["reference_score"].to_numpy())
+                     if r < median] and 0 < len(found) < num_read == table.num_rows
+    figures = store_stats(scored)["scores"]
+    assert set(figures) == {"teacher_score", "reference_score"} and figures["reference_score"]["count"] == table.num_rows
