@@ -244,6 +244,8 @@ def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool
               help="--engine ray: GPUs per partition task; 0 runs them on CPUs. [default: 0]")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="build.toml; flags override it.")
 @click.option("--finalize", "finalize_only", is_flag=True, help="Only write the manifest of finished partitions.")
+@click.option("--reference", default=None,
+              help="Also score every sequence with this small reference model in the same pass (as `kdstore score`).")
 @storage_option
 def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool, storage_options: tuple[str, ...],
           **flags: Any) -> None:
@@ -258,6 +260,7 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
       kdstore build --out demo-store
       kdstore build data/*.jsonl --teacher ./my-teacher --out store -k 64 --seq-len 1024
       kdstore build data/ --teacher ./my-teacher --out sampled-store -k 1 --sampled-draws 192
+      kdstore build data/ --teacher ./my-teacher --reference ./small-model --out store
       for i in 0 1 2 3; do kdstore build data/ --teacher ./my-teacher --out store --num-partitions 4 --partition $i & done; wait
       kdstore build data/ --teacher ./my-teacher --out s3://bucket/store --storage-option endpoint_url=http://minio:9000
       kdstore build data/ --teacher /shared/teacher --out /shared/store --engine ray --ray-address head:6379
@@ -460,6 +463,68 @@ def train(store: str, config_file: str | None, resume: bool, quiet: bool, storag
 
     run_train(resolved_config({**flags, "store": store}, config_file), resume=resume, log=click.echo,
               storage_options=_options(storage_options), progress=False if quiet else None, log_steps=not quiet)
+
+
+@cli.command()
+@store_argument
+@click.option("--reference", required=True, help="Reference model folder: the store's tokenizer, far smaller than the teacher.")
+@click.option("--per-token", is_flag=True, help="Also keep each position's reference log-prob (token-level selection).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True,
+              help="Reference dtype.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
+@click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens per reference batch, padding included.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the reference's own Python code.")
+@click.option("--num-partitions", type=int, default=1, show_default=True, help="Split the pass into N independent partitions.")
+@click.option("--partition", type=int, default=0, show_default=True, help="Which partition this process scores (0-based).")
+def score(store: str, **flags: Any) -> None:
+    """Score every sequence of STORE with a small reference model, for `kdstore select`.
+
+    Writes one score file per shard (STORE/scores/, listed in the manifest with sha256): the teacher's and the
+    reference's mean log-prob per predicted token (the teacher's from the store itself). The logits shards are
+    not rewritten. Rerunning the same command resumes after a crash or Ctrl-C.
+
+    \b
+    Example:
+      kdstore score my-store --reference ./small-model
+      kdstore score my-store --reference ./small-model --per-token --device cuda
+    """
+    from kdstore.score import ScoreConfig, score_store
+
+    for line in score_store(ScoreConfig(store=store, **flags)).summary_lines():
+        click.echo(line)
+
+
+@cli.command()
+@store_argument
+@click.option("--out", required=True, help="New local folder for the view (or, with --materialize, the store).")
+@click.option("--by", type=click.Choice(["difference", "teacher-nll", "reference-nll", "ratio"]), default="difference",
+              show_default=True, help="Score to rank by; difference = reference NLL - teacher NLL (MiniPLM).")
+@click.option("--keep", type=float, default=0.5, show_default=True, help="Fraction kept, in (0, 1].")
+@click.option("--sample", type=float, default=None, metavar="TEMPERATURE",
+              help="Draw the kept sequences with P ~ exp(score / TEMPERATURE) instead of taking the top.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
+@click.option("--lowest", is_flag=True, help="Keep the lowest scores instead of the highest.")
+@click.option("--where", default=None, metavar="SQL", help="Only sequences satisfying this condition over the score "
+              "columns (teacher_score, reference_score, difference, ratio, num_tokens, ...) are candidates.")
+@click.option("--materialize", is_flag=True, help="Write the kept rows as new shards instead of a view.")
+def select(store: str, **flags: Any) -> None:
+    """Keep the sequences of a scored STORE worth distilling (MiniPLM difference sampling).
+
+    Writes a view: a folder whose manifest names STORE and the kept sequence ids, checked against STORE's
+    hashes whenever it is opened; every command and loader reads it like a store. Corpus order is kept.
+
+    \b
+    Example:
+      kdstore score my-store --reference ./small-model
+      kdstore select my-store --by difference --keep 0.5 --out half
+      kdstore select my-store --keep 0.5 --sample 0.5 --where "num_tokens > 64" --out sampled
+      kdstore select my-store --keep 0.3 --materialize --out top-store
+    """
+    from kdstore.selection import SelectConfig
+    from kdstore.selection import select as run_select
+
+    for line in run_select(SelectConfig(store=store, **flags)).summary_lines():
+        click.echo(line)
 
 
 def main() -> None:

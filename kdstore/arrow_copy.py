@@ -57,7 +57,8 @@ LOCK_NAME = ".lock"  # in the copy's folder: concurrent ranks convert one at a t
 def store_fingerprint(manifest: Manifest) -> str:
     """Changes whenever the manifest's identity, columns or shards change: names the Arrow copy."""
     shards = [[s.path, s.sha256, s.footer_sha256, s.row_group_sha256] for s in manifest.shards]
-    text = json.dumps([manifest.identity(), manifest.columns, shards], sort_keys=True)
+    chosen = [manifest.view["selection"]["sha256"]] if manifest.view else []  # a view: its chosen sequences
+    text = json.dumps([manifest.identity(), manifest.columns, shards, *chosen], sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -101,6 +101,8 @@ class BuildConfig:
     # what runs the teacher (recorded via teacher.backend when vllm): transformers here, or vLLM (kdstore/vllm_backend.py)
     backend: Literal["transformers", "vllm"] = "transformers"
     vllm_options: dict[str, int | float | str | bool] = field(default_factory=dict)  # keyword arguments of vllm.LLM
+    # a reference model run over the same sequences in the same pass: the store gets kdstore score's files too
+    reference: str | None = None
 
     def __post_init__(self) -> None:
         for name, value in check_config(type(self), vars(self), BuildError).items():
@@ -134,6 +136,7 @@ class BuildResult:
     store_tokens: int = 0  # of the whole store, once finished
     corpus: CorpusStats = field(default_factory=CorpusStats)
     notes: list[str] = field(default_factory=list)  # how the engine ran it (kdstore/engine.py), shown last
+    reference_lines: list[str] = field(default_factory=list)  # --reference: what the score files came to
 
     def summary_lines(self) -> list[str]:
         rate = self.num_tokens / self.seconds if self.seconds else 0.0
@@ -145,7 +148,7 @@ class BuildResult:
             lines.append(f"store {self.out}: {self.total_bytes:,} bytes, {per_token:.1f} bytes/token (kdstore info {self.out})")
         else:
             lines.append(f"partition done; the manifest is written when every partition of {self.out} has finished")
-        return lines + self.notes
+        return lines + self.reference_lines + self.notes
 
 
 def tokenizer_info(tokenizer: Any, saved: Path) -> dict[str, Any]:
@@ -201,6 +204,7 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
     else:
         teacher = load_teacher(config.teacher, config.dtype, config.device, config.trust_remote_code)
     _check_inputs(config, teacher, tokenizer)
+    reference = _reference_pass(config, tokenizer, mirror is not None)
     codec = CodecConfig(k=config.k, vocab_size=teacher.vocab_size, sampled_draws=config.sampled_draws,
                         sampled_mode=config.sampled_mode, sampled_scheme=config.sampled_scheme)
     schema = logits_schema(codec, ("teacher_score",))
@@ -216,7 +220,7 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
         compute_started = time.perf_counter()
         try:
             with writer, HostPipeline(writer, codec, schema) as background:
-                _run_partition(config, num_units, teacher, tokenizer, writer, background, result, on_progress)
+                _run_partition(config, num_units, teacher, tokenizer, writer, background, result, on_progress, reference)
         except OSError as exc:  # read-only folder, full disk, ...
             raise _write_error(config.out, exc) from None
     result.seconds = time.perf_counter() - started
@@ -224,7 +228,22 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
     done = writer.finalized
     if done is not None:
         result.finished, result.total_bytes, result.store_tokens = True, done.total_bytes, done.num_tokens
+    if reference is not None:
+        result.reference_lines = reference.finish(config.out, result.finished)
     return result
+
+
+def _reference_pass(config: BuildConfig, tokenizer: Any, remote: bool) -> Any:
+    """--reference: the reference model, checked against the teacher's tokenizer and --seq-len (kdstore.score)."""
+    if config.reference is None:
+        return None
+    if remote:
+        raise BuildError(f"--reference writes score files beside the shards; {config.out} is a URL",
+                         hint="build into a local folder, or run `kdstore score` on a local copy")
+    from kdstore.score import ReferencePass
+
+    return ReferencePass(config.reference, dtype=config.dtype, device=config.device, batch_tokens=config.batch_tokens,
+                         trust_remote_code=config.trust_remote_code, seq_len=config.seq_len, teacher_tokenizer=tokenizer)
 
 
 def _write_error(out: str, exc: OSError) -> BuildError:
@@ -244,7 +263,8 @@ def _write_error(out: str, exc: OSError) -> BuildError:
 
 
 def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokenizer: Any, writer: ShardWriter,
-                   background: HostPipeline, result: BuildResult, on_progress: ProgressCallback | None) -> None:
+                   background: HostPipeline, result: BuildResult, on_progress: ProgressCallback | None,
+                   reference: Any = None) -> None:
     corpus_config = config.corpus_config()
     skip = writer.num_committed_rows
     progress = _progress(config, num_units)
@@ -260,6 +280,8 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
             progress.update(1)
             continue
         background.put_unit(sequences, _teacher_batches(teacher, sequences, config), skip)
+        if reference is not None:  # the reference over the same sequences (kdstore.score.ReferencePass)
+            reference.add(sequences[skip:])
         result.num_sequences += len(sequences) - skip
         result.num_tokens += sum(len(s.input_ids) for s in sequences[skip:])
         skip = 0

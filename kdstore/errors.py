@@ -166,3 +166,14 @@ class PromptError(KdstoreError):
 
 class GenerateError(KdstoreError):
     hint = "fix the input named above and rerun with the same --out; committed completions are kept"
+# -- scoring a store with a reference model and selecting from it (kdstore.score, kdstore.selection) ----------
+class ScoreError(KdstoreError):
+    hint = "see `kdstore score --help`"
+
+
+class SelectionError(KdstoreError):
+    hint = "see `kdstore select --help`"
+
+
+class ViewParentChangedError(SelectionError):
+    hint = "select again from the parent as it is now (kdstore select PARENT ... --out NEW)"

@@ -8,6 +8,10 @@ A store is a folder::
     shards/part-PPPPP-NNNNNN.parquet   partition P, shard N; plain Parquet, zstd
     _partitions/part-PPPPP.json   one record per finished partition (build bookkeeping)
     _locks/                       advisory locks of running writers
+    scores/part-PPPPP-NNNNNN.parquet   per-sequence scores of that shard (kdstore score; format 3)
+
+A selection view (kdstore select; format 3) is a folder with ``manifest.json``, ``selection.parquet`` and a copy
+of ``tokenizer/``: its manifest names the parent store and the parent's shards with their hashes.
 
 docs/format.md walks through an example; schemas/ holds the same contract as
 data (JSON Schema of the manifest, Arrow schemas of the tables) and a test keeps
@@ -47,9 +51,35 @@ METADATA_KEY = b"kdstore"  # Parquet key-value metadata key of every shard
 TABLE_LOGITS = "logits"
 TABLE_GENERATIONS = "generations"
 
-# Per-sequence score columns that any logits store may carry (MiniPLM
-# difference sampling): mean log-likelihood per predicted token.
-SCORE_COLUMNS = ("teacher_score", "reference_score")
+# The per-sequence score column a logits shard may carry: the build's teacher mean log-likelihood per predicted
+# token, from the unquantised log-probs. Every other score (the reference model's, kdstore.score) lives in score
+# files beside the shards, never in a logits shard; Store.score_table joins both by sequence id.
+SCORE_COLUMNS = ("teacher_score",)
+SCORE_DIR = "scores"
+SELECTION_NAME = "selection.parquet"  # a view's chosen sequences
+
+
+def score_columns_schema(per_token: bool) -> pa.Schema:
+    """Arrow schema of a score file: one row per sequence of its shard, in the shard's order.
+
+    ``teacher_score`` / ``reference_score``: mean log-prob of the next token over the sequence's ``num_positions``
+    positions (teacher: from the store; reference: the scoring model); ``reference_logprobs`` [num_positions]
+    the reference's log-prob of each next token, with ``per_token``.
+    """
+    fields = [
+        pa.field("sequence_id", pa.string(), nullable=False),
+        pa.field("num_positions", pa.int32(), nullable=False),
+        pa.field("teacher_score", pa.float32(), nullable=False),
+        pa.field("reference_score", pa.float32(), nullable=False),
+    ]
+    if per_token:
+        fields.append(pa.field("reference_logprobs", _list(pa.float32()), nullable=False))
+    return pa.schema(fields)
+
+
+def score_file_name(shard_path: str) -> str:
+    """The score file of the shard at ``shard_path`` (shards/part-P-N.parquet -> scores/part-P-N.parquet)."""
+    return f"{SCORE_DIR}/{posixpath.basename(shard_path)}"
 
 
 def _list(item: pa.DataType) -> pa.DataType:
@@ -200,13 +230,27 @@ class Manifest:
     format_version: int = LOGITS_FORMAT_VERSION
     kdstore_version: str = ""
     created_at: str = ""
+    # format 3: the score files (kdstore.score): {"reference", "columns", "shards_format_version", "files": [...]}
+    scores: dict[str, Any] | None = None
+    # format 3, a selection view (kdstore.selection): {"parent", "shards_format_version", "selection", ...}
+    view: dict[str, Any] | None = None
+
+    @property
+    def shards_format_version(self) -> int:
+        """The version the shards were written as (their footers say so); score files or a view make the manifest 3."""
+        extra = self.view or self.scores
+        return int(extra.get("shards_format_version", self.format_version)) if extra else self.format_version
 
     @property
     def num_sequences(self) -> int:
+        if self.view is not None:  # the chosen ones; the shards are the parent's
+            return int(self.view["selection"]["num_sequences"])
         return sum(s.num_rows for s in self.shards)
 
     @property
     def num_tokens(self) -> int:
+        if self.view is not None:
+            return int(self.view["selection"]["num_tokens"])
         return sum(s.num_tokens for s in self.shards)
 
     @property
@@ -219,7 +263,7 @@ class Manifest:
     def identity(self) -> dict[str, Any]:
         """What two writers into one store must agree on."""
         return {
-            "format_version": self.format_version,
+            "format_version": self.shards_format_version,
             "table": self.table,
             "teacher": self.teacher,
             "tokenizer": self.tokenizer,
@@ -230,6 +274,9 @@ class Manifest:
 
     def to_json(self) -> str:
         data = asdict(self)
+        for optional in ("scores", "view"):
+            if data[optional] is None:
+                del data[optional]
         head = ("format_version", "kdstore_version", "created_at", "table")
         data = {"format": FORMAT_NAME, **{k: data.pop(k) for k in head}, **data}
         data["stats"] = {
@@ -259,6 +306,10 @@ class Manifest:
             safe_relative_path(shard.path)
             if (shard.footer_sha256 is None) != (shard.row_group_sha256 is None) or (version > 1 and shard.footer_sha256 is None):
                 raise ManifestError(f"{source}: shard {shard.path} lacks its footer_sha256 or row_group_sha256")
+        for entry in (data.get("scores") or {}).get("files", []):
+            safe_relative_path(entry["path"])
+        if data.get("view"):
+            safe_relative_path(data["view"]["selection"]["file"])
         return cls(**data)
 
 

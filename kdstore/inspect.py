@@ -5,7 +5,8 @@
     condition = parse_where("teacher_score < -3", columns=("sequence_id", "num_tokens", "teacher_score"))
 
 ``--where`` is an SQL condition over one row per sequence: ``sequence_id``, ``num_tokens`` (the sequence's
-length) and the store's score columns (``teacher_score``, ``reference_score`` where stored). polars turns it
+length) and the store's per-sequence scores (``Store.score_columns``: the build's ``teacher_score``; after
+``kdstore score`` also ``reference_score`` and ``num_positions``, read from the score files). polars turns it
 into an expression (``pl.sql_expr``) once ``parse_where`` has checked every word: comparisons, AND / OR /
 NOT, IN (...), BETWEEN, LIKE / ILIKE, IS [NOT] NULL, arithmetic, numbers and 'strings'. Nothing else gets
 through: no function, no subquery, no Python. polars' SQL runs a subquery such as
@@ -47,7 +48,7 @@ def load_store_tokenizer(store: Store) -> Any | None:
 
 def where_columns(store: Store) -> tuple[str, ...]:
     """The per-sequence columns ``--where`` can name in ``store``."""
-    return ("sequence_id", "num_tokens", *(name for name in SCORE_COLUMNS if name in store.manifest.columns))
+    return ("sequence_id", "num_tokens", *(name for name in store.score_columns() if name != "sequence_id"))
 
 
 def parse_where(text: str, columns: tuple[str, ...]) -> Any:
@@ -80,27 +81,30 @@ def matching_ids(store: Store, where: str) -> tuple[list[str], int]:
     """The sequence ids of ``store`` that satisfy ``where``, in store order, and the number of sequences read.
     Reads only ``sequence_id``, the scores the condition names and, for ``num_tokens``, ``input_ids``."""
     import polars as pl
-    import pyarrow as pa
-    import pyarrow.compute as pc
 
     columns = where_columns(store)
     condition = parse_where(where, columns)
-    named = set(condition.meta.root_names())
-    read = ["sequence_id", *(["input_ids"] if "num_tokens" in named else []),
-            *(name for name in SCORE_COLUMNS if name in named)]
-    found, num_read = [], 0
-    for table in store.iter_tables(read):
-        frame = {name: table.column(name) for name in read if name != "input_ids"}
-        if "input_ids" in read:
-            frame["num_tokens"] = pc.list_value_length(table.column("input_ids")).cast(pa.int64())
-        try:
-            hits = pl.from_arrow(pa.table(frame)).filter(condition)
-        except pl.exceptions.PolarsError as exc:
-            raise KdstoreError(f"--where {where!r} cannot be evaluated: {str(exc).splitlines()[0]}",
-                               hint=_WHERE_HINT.format(columns=", ".join(columns))) from None
-        found += hits.get_column("sequence_id").to_list()
-        num_read += table.num_rows
-    return found, num_read
+    frame = sequence_frame(store, set(condition.meta.root_names()))
+    try:
+        hits = frame.filter(condition)
+    except pl.exceptions.PolarsError as exc:
+        raise KdstoreError(f"--where {where!r} cannot be evaluated: {str(exc).splitlines()[0]}",
+                           hint=_WHERE_HINT.format(columns=", ".join(columns))) from None
+    return hits.get_column("sequence_id").to_list(), frame.height
+
+
+def sequence_frame(store: Store, names: set[str]) -> Any:
+    """A polars DataFrame, one row per sequence in store order: ``sequence_id``, the score columns in ``names``
+    (``Store.score_table``) and, when named, ``num_tokens`` (read from ``input_ids``)."""
+    import polars as pl
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    table = store.score_table([name for name in store.score_columns() if name in names])
+    if "num_tokens" in names:
+        lengths = [pc.list_value_length(t.column("input_ids")).cast(pa.int64()) for t in store.iter_tables(["input_ids"])]
+        table = table.append_column("num_tokens", pa.chunked_array(lengths, pa.int64()))
+    return pl.from_arrow(table)
 
 
 def find_sequence(store: Store, sequence_id: str | None) -> dict[str, Any] | None:

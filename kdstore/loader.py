@@ -266,11 +266,12 @@ class StreamingDataset(IterableDataset):
     def _row_group_index(self) -> list[tuple[int, int, int]]:
         groups, first_row = [], 0
         for index, shard in enumerate(self.store.manifest.shards):
-            metadata = self.store.open_shard(index).metadata
-            sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
-            if sum(sizes) != shard.num_rows:
+            sizes = self.store.row_group_sizes(index)  # a selection view: its chosen rows only
+            if sum(sizes) != self.store.shard_counts(index)[0]:
                 raise ShardCorruptError(f"shard {shard.path} holds {sum(sizes)} rows, the manifest says {shard.num_rows}")
             for group, size in enumerate(sizes):
+                if size == 0:  # a view chose nothing here
+                    continue
                 groups.append((index, group, first_row))
                 first_row += size
         return groups

@@ -118,7 +118,7 @@ class _Tally:
         self.sampled = {"unique": np.zeros(codec.sampled_draws + 1, np.int64), "draws": 0, "draws_in_topk": 0}
         self.scores = {name: {"count": 0, "num_null": 0, "sum": 0.0, "min": math.inf, "max": -math.inf,
                               "counts": np.zeros(len(SCORE_EDGES) - 1, np.int64)}
-                       for name in SCORE_COLUMNS if name in store.manifest.columns}
+                       for name in store.score_columns() if name != "num_positions"}
 
     def add(self, batch: dict[str, Any]) -> None:
         ids, logprobs = batch["topk_ids"], batch["topk_logprobs"]
@@ -146,7 +146,8 @@ class _Tally:
         if "sampled_offsets" in batch:
             self._add_sampled(batch, ids)
         for name, tally in self.scores.items():
-            _add_scores(tally, batch[name])
+            if name in batch:  # else from the score files, once (store_stats)
+                _add_scores(tally, batch[name])
 
     def _add_sampled(self, batch: dict[str, Any], topk_ids: np.ndarray) -> None:
         num_ids = np.diff(batch["sampled_offsets"])
@@ -228,7 +229,10 @@ def column_bytes(metadata: pq.FileMetaData) -> dict[str, tuple[int, int]]:
 def _decoded(store: Store) -> list[str]:
     """The decoded columns stats reads: tokens, ids and log-probs (always stored), and tail, target, draws and
     scores when the store has them."""
-    wanted = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "sampled", *SCORE_COLUMNS]
+    from kdstore.score_table import has_score_files
+
+    scores = () if has_score_files(store) else SCORE_COLUMNS  # score files: read once, whole (store_stats)
+    wanted = ["input_ids", "topk_ids", "topk_logprobs", "tail_logmass", "target_logprob", "sampled", *scores]
     present = set(store.manifest.columns)
     return [name for name in wanted if all(column in present for column in DECODED_COLUMNS[name])]
 
@@ -253,6 +257,12 @@ def store_stats(location: str | os.PathLike[str] | Store, storage_options: dict[
             before = sizes.get(name, (0, 0))
             sizes[name] = (before[0] + compressed, before[1] + uncompressed)
         shards.append(_shard_figures(shard, parquet, tally.num_sequences - rows_before, tally.num_tokens - tokens_before))
+    from kdstore.score_table import has_score_files
+
+    if has_score_files(store):  # per-sequence floats: one small table
+        table = store.score_table(list(tally.scores))
+        for name, score_tally in tally.scores.items():
+            _add_scores(score_tally, table.column(name).to_numpy().astype(np.float32))
     figures = tally.figures()
     return {"table": store.manifest.table, "k": store.codec.k, "vocab_size": store.codec.vocab_size,
             "num_shards": len(shards), **figures,

@@ -124,7 +124,12 @@ def open_store(location: str | os.PathLike[str] | Store, storage_options: dict[s
         raise StorageError(f"cannot read {text}/{MANIFEST_NAME}: {type(exc).__name__}: {first_line}",
                            hint=_access_hint(text)) from None
     manifest = Manifest.from_json(manifest_text, f"{text}/{MANIFEST_NAME}")
-    return Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs, tables)
+    store = Store(text, manifest, None if store_is_local else dict(storage_options or {}), root, fs, tables)
+    if manifest.view is not None:  # a selection: its parent opened and checked, its chosen rows loaded
+        from kdstore.selection import attach_parent
+
+        attach_parent(store)
+    return store
 
 
 def is_local_filesystem(fs: Any) -> bool:
@@ -175,6 +180,10 @@ class Store:
         self.location, self.manifest, self.storage_options, self.root = location, manifest, storage_options, root
         self._fs = (os.getpid(), fs) if fs is not None else None
         self._checked_whole: set[str] = set()  # version 1 shards whose whole-file sha256 matched, this process
+        # a selection view (kdstore.selection.attach_parent): the parent store, whose shards it reads, and per
+        # shard index the chosen rows (ascending) with their token counts
+        self.parent: Store | None = None
+        self.chosen: dict[int, tuple[np.ndarray, int]] = {}
         if manifest.table not in tables:
             raise ManifestError(f"{location} is a {manifest.table!r} store; only {' or '.join(map(repr, tables))} "
                                 "stores can be read here", hint="info, verify and head read every table kind; "
@@ -266,11 +275,16 @@ class Store:
             "num_tokens": m.num_tokens,
             "num_positions": m.num_tokens - m.num_sequences,
             "total_bytes": m.total_bytes,
-            "bytes_per_token": round(m.total_bytes / m.num_tokens, 2) if m.num_tokens else None,
+            # of the shards read (a view: the parent's, so per token of the parent)
+            "bytes_per_token": round(m.total_bytes / shard_tokens, 2) if (shard_tokens := sum(
+                s.num_tokens for s in m.shards)) else None,
             "num_shards": len(m.shards),
             "num_partitions": m.num_partitions,
             "created_at": m.created_at,
             "kdstore_version": m.kdstore_version,
+            **({"view_of": self.parent.location, "view_rule": m.view.get("rule")} if self.parent is not None else {}),
+            **({"scores": m.scores["columns"], "reference": m.scores["reference"]["model"],
+                "score_bytes": sum(f["num_bytes"] for f in m.scores["files"])} if m.scores else {}),
         }
 
     # -- files -------------------------------------------------------------
@@ -283,8 +297,54 @@ class Store:
                 raise UnsafeFileError(f"{relative} in {self.location} is a symbolic link or lies outside the store")
         return path
 
+    def read_listed_file(self, relative: str, sha256: str, num_bytes: int | None = None) -> bytes:
+        """A small file the manifest lists with its sha256 (a score file, a view's selection), read and checked whole."""
+        try:
+            data = self.fs.cat_file(self.file_path(relative))
+        except FileNotFoundError:
+            raise ShardMissingError(f"{relative} listed in the manifest is missing from {self.location}") from None
+        except OSError as exc:
+            raise StorageError(f"cannot read {relative} of {self.location}: {exc}", hint=_access_hint(self.location)) \
+                from None
+        if (num_bytes is not None and len(data) != num_bytes) or hashlib.sha256(data).hexdigest() != sha256:
+            raise ChecksumError(f"{relative} in {self.location} does not match its sha256 in the manifest")
+        return data
+
     def _shard(self, shard: ShardInfo | int) -> ShardInfo:
         return self.manifest.shards[shard] if isinstance(shard, int) else shard
+
+    def _index(self, shard: ShardInfo | int) -> int:
+        return shard if isinstance(shard, int) else [s.path for s in self.manifest.shards].index(shard.path)
+
+    def shard_counts(self, shard: ShardInfo | int) -> tuple[int, int]:
+        """(sequences, tokens) this store reads from ``shard``: all of it, or a view's chosen rows."""
+        if self.parent is None:
+            info = self._shard(shard)
+            return info.num_rows, info.num_tokens
+        rows, tokens = self.chosen.get(self._index(shard), (np.zeros(0, np.int64), 0))
+        return len(rows), tokens
+
+    def row_group_sizes(self, shard: ShardInfo | int, parquet: pq.ParquetFile | None = None) -> list[int]:
+        """Rows this store reads from each row group of ``shard`` (a view: only the chosen ones)."""
+        metadata = (parquet or self.open_shard(shard)).metadata
+        sizes = [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
+        if self.parent is None:
+            return sizes
+        rows = self.chosen.get(self._index(shard), (np.zeros(0, np.int64), 0))[0]
+        return np.diff(np.searchsorted(rows, np.concatenate([[0], np.cumsum(sizes)]))).tolist()
+
+    def score_columns(self) -> tuple[str, ...]:
+        """The per-sequence score columns of this store: the score files' (kdstore score), else the shards'."""
+        from kdstore.score_table import score_columns
+
+        return score_columns(self)
+
+    def score_table(self, columns: list[str] | None = None) -> pa.Table:
+        """``sequence_id`` and the per-sequence ``columns`` (None: all of ``score_columns``), in store order:
+        read from the score files (checked against their sha256 in the manifest) or the shards."""
+        from kdstore.score_table import read_score_table
+
+        return read_score_table(self, columns)
 
     def _reader(self, shard: ShardInfo) -> RangeReader:
         path, fs, location = self.file_path(shard.path), self.fs, self.location
@@ -315,6 +375,8 @@ class Store:
 
     def check_shard_file(self, shard: ShardInfo | int) -> None:
         """The whole file against the manifest: size, sha256, and (format 2) footer and row-group checksums."""
+        if self.parent is not None:  # a view reads its parent's shards, whose hashes it recorded
+            return self.parent.check_shard_file(self._index(shard))
         shard = self._shard(shard)
         size = self._size(shard)
         read = self._reader(shard)
@@ -331,6 +393,8 @@ class Store:
 
     def open_shard(self, shard: ShardInfo | int) -> pq.ParquetFile:
         """A shard as a ParquetFile that reads only verified bytes, its schema and essentials checked."""
+        if self.parent is not None:
+            return self.parent.open_shard(self._index(shard))
         shard = self._shard(shard)
         size = self._size(shard)
         if shard.footer_sha256 is not None:
@@ -367,11 +431,18 @@ class Store:
         """Row group ``group`` of an opened shard; a damaged one is a named error naming shard and row group."""
         shard = self._shard(shard)
         try:
-            return parquet.read_row_group(group, columns=columns)
+            table = parquet.read_row_group(group, columns=columns)
         except KdstoreError:
             raise
         except (OSError, pa.ArrowException) as exc:  # a page checksum, a bad encoding, ...
             raise ShardCorruptError(f"shard {shard.path} row group {group} cannot be read: {exc}") from None
+        if self.parent is None:
+            return table
+        sizes = [parquet.metadata.row_group(g).num_rows for g in range(group + 1)]
+        first = sum(sizes[:-1])
+        rows = self.chosen.get(self._index(shard), (np.zeros(0, np.int64), 0))[0]
+        inside = rows[np.searchsorted(rows, first):np.searchsorted(rows, first + sizes[-1])] - first
+        return table.take(pa.array(inside, pa.int64()))
 
     # -- reading -----------------------------------------------------------
     def stored_columns(self, columns: list[str] | None) -> list[str]:
@@ -392,7 +463,9 @@ class Store:
         for shard in self.manifest.shards:
             parquet = self.open_shard(shard)
             for group in range(parquet.num_row_groups):
-                yield self.read_row_group(parquet, shard, group, stored)
+                table = self.read_row_group(parquet, shard, group, stored)
+                if table.num_rows or self.parent is None:  # a view skips the row groups it chose nothing from
+                    yield table
 
     def iter_batches(self, columns: list[str] | None = None, format: str = "numpy") -> Iterator[dict[str, Any]]:
         """Decoded ragged batches, one per row group. ``format``: "numpy" or "torch".

@@ -57,8 +57,12 @@ def copy_store(source: str | os.PathLike[str] | Store, target: str | os.PathLike
                source_options: dict[str, Any] | None = None, target_options: dict[str, Any] | None = None) -> CopyResult:
     """Copy the store at ``source`` to ``target`` (folders or fsspec URLs), verified on arrival, manifest last."""
     store = open_store(source, source_options)
+    if store.parent is not None:
+        raise KdstoreError(f"{source} is a selection view of {store.parent.location}; copy writes whole stores",
+                           hint="kdstore select ... --materialize writes the view's sequences as a store to copy")
     fs, root = filesystem(str(target), target_options)
     expected = {shard.path: (shard.num_bytes, shard.sha256) for shard in store.manifest.shards}
+    expected.update({f["path"]: (f["num_bytes"], f["sha256"]) for f in (store.manifest.scores or {}).get("files", [])})
     extra = list(store.manifest.tokenizer.get("files") or []) + _readme(store)
     _refuse_other_content(fs, root, str(target), store, set(expected) | set(extra))
     result = CopyResult(str(target))

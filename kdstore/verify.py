@@ -58,6 +58,10 @@ def verify_store(store: Store) -> list[str]:
         except KdstoreError as exc:
             problems.append(str(exc))
     problems += _tokenizer_problems(store)
+    if store.manifest.scores:
+        from kdstore.score_table import score_file_problems
+
+        problems += score_file_problems(store)
     problems += _arrow_copy_problems(store)
     return problems
 
@@ -110,9 +114,9 @@ def _verify_shard(store: Store, shard: Any, seen_ids: set[str], problems: list[s
             seen_ids.add(sequence_id)
         rows += table.num_rows
         tokens += len(table["input_ids"].combine_chunks().flatten())
-    if (rows, tokens) != (shard.num_rows, shard.num_tokens):
+    if (rows, tokens) != store.shard_counts(shard):  # a view reads only its chosen rows of the parent's shard
         problems.append(f"shard {shard.path}: holds {rows} sequences / {tokens} tokens; "
-                        f"the manifest says {shard.num_rows} / {shard.num_tokens}")
+                        f"the manifest says {'{} / {}'.format(*store.shard_counts(shard))}")
 
 
 def _examples(ids: list[str], row_of: np.ndarray, bad: np.ndarray) -> str:

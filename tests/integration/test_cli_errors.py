@@ -1413,6 +1413,113 @@ def _(w: World) -> Call:
     return stats_call(w, "--html", "report.html", store=str(folder), expect=(str(folder), "manifest.json", "metrics.jsonl"))
 
 
+# -- score and select (MiniPLM difference sampling) -------------------------------------
+def _reference(w: World, **config: int) -> Path:
+    """The bundled teacher under another name, its config.json changed by ``config``: a reference model."""
+    folder = w.teacher()
+    data = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**data, **config}))
+    return folder
+
+
+@case("score-reference-with-another-tokenizer")
+def _(w: World) -> Call:
+    from conftest import save_tiny_teacher
+
+    reference = save_tiny_teacher(w.tmp / "word-model")
+    store = w.built_copy()
+    ours = json.loads((store / "manifest.json").read_text())["tokenizer"]["files_sha256"]
+    return Call(["score", str(store), "--reference", str(reference), "--device", "cpu"],
+                expect=("another tokenizer", ours, "reference files_sha256"))
+
+
+@case("score-reference-context-shorter-than-the-sequences")
+def _(w: World) -> Call:  # the shared store's sequences have 16 tokens
+    reference = _reference(w, max_position_embeddings=8)
+    return Call(["score", str(w.built_copy()), "--reference", str(reference), "--device", "cpu"],
+                expect=("at most 8 positions", "16 tokens"))
+
+
+@case("score-a-view")
+def _(w: World) -> Call:
+    from kdstore.selection import SelectConfig, select
+
+    select(SelectConfig(store=str(w.built_copy()), out=str(w.tmp / "view"), by="teacher-nll"))
+    return Call(["score", str(w.tmp / "view"), "--reference", str(BUNDLED_TEACHER)], expect=("is a selection view",))
+
+
+@case("build-reference-with-another-tokenizer")
+def _(w: World) -> Call:
+    from conftest import save_tiny_teacher
+
+    reference = save_tiny_teacher(w.tmp / "word-model")
+    return Call(["build", w.corpus, "--out", str(w.tmp / "out"), "--reference", str(reference), "-k", "4", "--seq-len",
+                 "16", "--device", "cpu"], expect=("another tokenizer", "reference files_sha256"), new=w.tmp / "out")
+
+
+@case("select-keep-zero")
+def _(w: World) -> Call:
+    return Call(["select", w.built, "--by", "teacher-nll", "--keep", "0", "--out", str(w.tmp / "view")],
+                expect=("keep = 0.0", "> 0.0 and <= 1.0"), new=w.tmp / "view")
+
+
+@case("select-keep-above-one")
+def _(w: World) -> Call:
+    return Call(["select", w.built, "--by", "teacher-nll", "--keep", "1.5", "--out", str(w.tmp / "view")],
+                expect=("keep = 1.5", "> 0.0 and <= 1.0"), new=w.tmp / "view")
+
+
+@case("select-by-a-score-not-there")
+def _(w: World) -> Call:
+    return Call(["select", w.built, "--by", "difference", "--out", str(w.tmp / "view")],
+                expect=("'reference_score'", "kdstore score STORE --reference MODEL"), new=w.tmp / "view")
+
+
+@case("select-from-a-store-that-fails-verify")
+def _(w: World) -> Call:
+    store = w.built_copy()
+    shard = sorted((store / "shards").glob("*.parquet"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    return Call(["select", str(store), "--by", "teacher-nll", "--out", str(w.tmp / "view")],
+                expect=("fails verify", shard.name), new=w.tmp / "view")
+
+
+@case("select-where-names-a-missing-column")
+def _(w: World) -> Call:
+    return Call(["select", w.built, "--by", "teacher-nll", "--where", "reference_score < -2", "--out",
+                 str(w.tmp / "view")], expect=("'reference_score' is not a column",), new=w.tmp / "view")
+
+
+@case("select-into-a-folder-with-files")
+def _(w: World) -> Call:
+    w.write("mine/notes.txt", "mine\n")
+    return Call(["select", w.built, "--by", "teacher-nll", "--out", str(w.tmp / "mine")], expect=("not an empty folder",))
+
+
+@case("copy-a-view")
+def _(w: World) -> Call:
+    from kdstore.selection import SelectConfig, select
+
+    select(SelectConfig(store=str(w.built_copy()), out=str(w.tmp / "view"), by="teacher-nll"))
+    return Call(["copy", str(w.tmp / "view"), str(w.tmp / "copied")], expect=("selection view", "--materialize"),
+                new=w.tmp / "copied")
+
+
+@case("view-whose-parent-changed-since")
+def _(w: World) -> Call:
+    from kdstore.selection import SelectConfig, select
+
+    parent = w.built_copy()
+    select(SelectConfig(store=str(parent), out=str(w.tmp / "view"), by="teacher-nll"))
+    manifest = json.loads((parent / "manifest.json").read_text())
+    shard = manifest["shards"][0]
+    shard["sha256"] = "0" * 64  # as if the parent had been built again
+    (parent / "manifest.json").write_text(json.dumps(manifest))
+    return Call(["info", str(w.tmp / "view")], expect=(shard["path"], "changed since the selection"))
+
+
 # -- the test ------------------------------------------------------------------------
 def snapshot(paths: list[Path], leave_out: Path | None = None) -> dict[str, object]:
     """{path: (size, sha256)} of every file, {path: "dir"} of every folder, {path: None} of a missing path;

@@ -1,0 +1,184 @@
+"""``kdstore score``: the reference pass over a store's own ids, its score files, and resuming after kill -9."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_word_corpus
+from kdstore.build import BuildConfig, build
+from kdstore.format import FORMAT_VERSION, LOGITS_FORMAT_VERSION
+from kdstore.score import ScoreConfig, score_store
+from kdstore.store import open_store
+from kdstore.verify import verify_store
+
+
+def built_store(folder: Path, teacher: Path, shard_bytes: int = 1 << 20) -> Path:
+    corpus = write_word_corpus(folder / "corpus", num_files=4, docs_per_file=8)
+    out = folder / "store"
+    build(BuildConfig(corpus=(str(corpus),), teacher=str(teacher), out=str(out), k=4, seq_len=16, progress=False,
+                      device="cpu", shard_bytes=shard_bytes, row_group_bytes=min(shard_bytes, 1 << 20)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scored_pair(tmp_path_factory, tiny_teacher) -> tuple[Path, Path]:
+    """A multi-shard store built by the tiny teacher, and a copy scored by that same teacher."""
+    root = tmp_path_factory.mktemp("score")
+    store = built_store(root, tiny_teacher, shard_bytes=1500)
+    scored = Path(shutil.copytree(store, root / "scored"))
+    score_store(ScoreConfig(store=str(scored), reference=str(tiny_teacher), per_token=True, device="cpu", progress=False))
+    return store, scored
+
+
+def test_the_teacher_as_its_own_reference_scores_what_the_store_holds(scored_pair, tiny_teacher):
+    store, scored = scored_pair
+    opened = open_store(scored)
+    table = opened.score_table(["teacher_score", "reference_score", "num_positions", "reference_logprobs"])
+    assert table.num_rows == opened.manifest.num_sequences and len(opened.manifest.shards) > 2
+    # the teacher's stored mean (build, unquantised) and the reference pass's agree: same model, same ids
+    np.testing.assert_allclose(table["reference_score"].to_numpy(), table["teacher_score"].to_numpy(), atol=1e-4)
+    targets = [b["target_logprob"] for b in opened.iter_batches(["target_logprob"])]
+    per_token = np.concatenate(table["reference_logprobs"].to_numpy(zero_copy_only=False))
+    np.testing.assert_allclose(per_token, np.concatenate(targets), atol=0.05)  # stored targets are quantised
+    assert table["sequence_id"].to_pylist() == [s for b in opened.iter_batches(["sequence_id"]) for s in b["sequence_id"]]
+
+
+def test_scoring_adds_files_and_leaves_the_shards_as_they_were(scored_pair):
+    store, scored = scored_pair
+    before, after = json.loads((store / "manifest.json").read_text()), json.loads((scored / "manifest.json").read_text())
+    assert (before["format_version"], after["format_version"]) == (LOGITS_FORMAT_VERSION, FORMAT_VERSION)
+    assert before["shards"] == after["shards"]
+    for shard in before["shards"]:
+        assert (store / shard["path"]).read_bytes() == (scored / shard["path"]).read_bytes()
+    assert [f["shard"] for f in after["scores"]["files"]] == [s["path"] for s in before["shards"]]
+    assert verify_store(open_store(scored)) == []
+
+
+def test_a_damaged_score_file_is_named_by_verify(scored_pair, tmp_path):
+    copy = Path(shutil.copytree(scored_pair[1], tmp_path / "copy"))
+    path = copy / json.loads((copy / "manifest.json").read_text())["scores"]["files"][1]["path"]
+    data = bytearray(path.read_bytes())
+    data[10] ^= 1
+    path.write_bytes(bytes(data))
+    problems = verify_store(open_store(copy))
+    assert len(problems) == 1 and path.name in problems[0] and "sha256" in problems[0]
+
+
+def _score_command(store: Path, reference: Path) -> list[str]:
+    return [sys.executable, "-m", "kdstore.cli.main", "score", str(store), "--reference", str(reference), "--device",
+            "cpu", "--per-token"]
+
+
+def test_kill_9_mid_pass_then_rerun_gives_the_uninterrupted_files(scored_pair, tmp_path, tiny_teacher):
+    store, want = scored_pair
+    names = [f["path"] for f in json.loads((want / "manifest.json").read_text())["scores"]["files"]]
+    for attempt in range(4):  # a busy machine may finish the pass between two polls: start again on a fresh copy
+        crashed = Path(shutil.copytree(store, tmp_path / f"crashed-{attempt}"))
+        process = subprocess.Popen(_score_command(crashed, tiny_teacher), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        while process.poll() is None and not list((crashed / "scores").glob("*.parquet")):
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        done = len(list((crashed / "scores").glob("*.parquet")))
+        if "scores" not in json.loads((crashed / "manifest.json").read_text()) and done < len(names):
+            break
+    else:
+        pytest.fail("every kill came after the pass had finished")
+    assert open_store(crashed).manifest.scores is None  # nothing looks scored before every file is there
+    (crashed / "scores" / f"{Path(names[-1]).name}.999-deadbeef.tmp").write_bytes(b"half")  # a killed write
+    assert subprocess.run(_score_command(crashed, tiny_teacher), capture_output=True).returncode == 0
+    assert sorted(p.name for p in (crashed / "scores").iterdir()) == sorted(Path(n).name for n in names)
+    for name in names:
+        assert (crashed / name).read_bytes() == (want / name).read_bytes(), name
+    assert (crashed / "manifest.json").read_text() == (want / "manifest.json").read_text()
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_score_file_schema_in_code_matches_schemas_folder(per_token):
+    from kdstore.format import arrow_schema_to_spec, load_schema_file, score_columns_schema
+
+    spec = {f["name"]: f for f in load_schema_file("scores.arrow.json")["fields"]}
+    fields = arrow_schema_to_spec(score_columns_schema(per_token))
+    assert [f["name"] for f in fields] == [n for n, f in spec.items() if f["present"] == "always" or per_token]
+    for field in fields:
+        assert (field["type"], field["nullable"]) == (spec[field["name"]]["type"], spec[field["name"]]["nullable"])
+
+
+def test_build_with_a_reference_writes_the_score_files_kdstore_score_writes(scored_pair, tmp_path, tiny_teacher):
+    store, _ = scored_pair
+    plain = Path(shutil.copytree(store, tmp_path / "plain"))
+    score_store(ScoreConfig(store=str(plain), reference=str(tiny_teacher), device="cpu", progress=False))
+    corpus = store.parent / "corpus"
+    both = tmp_path / "both"
+    result = build(BuildConfig(corpus=(str(corpus),), teacher=str(tiny_teacher), out=str(both), k=4, seq_len=16,
+                               progress=False, device="cpu", shard_bytes=1500, row_group_bytes=1500,
+                               reference=str(tiny_teacher)))
+    assert result.finished and any("score files" in line for line in result.summary_lines())
+    want, got = (json.loads((p / "manifest.json").read_text()) for p in (plain, both))
+    assert got["shards"] == want["shards"] and got["format_version"] == want["format_version"] == FORMAT_VERSION
+    drop = ("sha256", "num_bytes")  # the reference ran in other batches (a unit's, not a shard's): equal to ~1e-6
+    assert [{k: v for k, v in f.items() if k not in drop} for f in got["scores"]["files"]] == \
+        [{k: v for k, v in f.items() if k not in drop} for f in want["scores"]["files"]]
+    a, b = open_store(both).score_table(), open_store(plain).score_table()
+    assert a["sequence_id"].equals(b["sequence_id"]) and a["teacher_score"].equals(b["teacher_score"])
+    np.testing.assert_allclose(a["reference_score"].to_numpy(), b["reference_score"].to_numpy(), atol=1e-5)
+
+
+def test_per_token_reference_log_probs_feed_select_tokens_by_gap(scored_pair):
+    import torch
+
+    from kdstore.collate import Collator
+    from kdstore.losses import select_tokens_by_gap
+    from kdstore.score_table import padded_reference_logprobs
+
+    store = open_store(scored_pair[1])
+    per_token = store.score_table(["reference_logprobs"])["reference_logprobs"].to_numpy(zero_copy_only=False)
+    samples = _samples(store, [5, 0, 7, 2])
+    batch = Collator(store.codec)(samples)
+    reference = padded_reference_logprobs(per_token, batch["sequence_index"].numpy(), batch["labels"].shape[1])
+    mask = batch["labels"] != -100
+    assert np.array_equal(reference != 0, mask.numpy())  # a log-prob exactly where a label is
+    for row, index in enumerate([5, 0, 7, 2]):
+        assert np.array_equal(reference[row, :len(per_token[index])], per_token[index])
+    weights = select_tokens_by_gap(torch.zeros(mask.shape), torch.from_numpy(reference), mask, 0.5)
+    kept = torch.from_numpy(reference)[weights.bool()]
+    assert weights.sum() == int(np.ceil(0.5 * int(mask.sum()))) and kept.min() >= torch.from_numpy(reference)[
+        mask & ~weights.bool()].max()  # the student at log-prob 0 lags most where the reference is highest
+
+
+def _samples(store, indices: list[int]) -> list[dict]:
+    from kdstore.store import StoredRows
+
+    rows = []
+    for table in store.iter_tables():
+        stored = StoredRows(store.codec, table, len(rows))
+        rows += [stored.sample(i) for i in range(stored.num_rows)]
+    return [rows[i] for i in indices]
+
+
+def test_copy_takes_the_score_files_along(scored_pair, tmp_path):
+    from kdstore.transfer import copy_store
+
+    copy_store(scored_pair[1], tmp_path / "copy")
+    copied = open_store(tmp_path / "copy")
+    assert verify_store(copied) == [] and copied.score_table().equals(open_store(scored_pair[1]).score_table())
+
+
+def test_two_partitions_score_like_one_pass(scored_pair, tmp_path, tiny_teacher):
+    store, want = scored_pair
+    parts = Path(shutil.copytree(store, tmp_path / "parts"))
+    for partition in (1, 0):
+        result = score_store(ScoreConfig(store=str(parts), reference=str(tiny_teacher), per_token=True, device="cpu",
+                                         progress=False, num_partitions=2, partition=partition))
+        assert result.finished == (partition == 0) and result.num_files > 0
+    assert (parts / "manifest.json").read_text() == (want / "manifest.json").read_text()
