@@ -1,8 +1,8 @@
 """MiniPLM difference sampling at toy scale: does distilling the difference-selected half beat a random half?
 
-    .venv/bin/python benchmarks/select.py --work DIR   # 13 min of CPU (24 wall on 2 busy shared cores)
-    .venv/bin/python benchmarks/select.py --subsets teacher-easy --work DIR   # the control, same files: 4 min
-    .venv/bin/python benchmarks/select.py --seeds 2 --steps 10 --reference-steps 20   # a smoke run, under a minute
+    .venv/bin/python benchmarks/selection.py --work DIR   # 13 min of CPU (24 wall on 2 busy shared cores)
+    .venv/bin/python benchmarks/selection.py --subsets teacher-easy --work DIR   # the control, same files: 4 min
+    .venv/bin/python benchmarks/selection.py --seeds 2 --steps 10 --reference-steps 20   # a smoke run, under a minute
 
 Top to bottom, in one process and one temporary folder (``--work`` keeps it):
 
