@@ -19,6 +19,11 @@ docs/stats.md defines every figure; in short, per position t (the teacher's dist
 * bytes per column from the shards' Parquet footers (column chunks' compressed sizes), rows and tokens per shard,
   and the per-sequence score columns when present.
 
+A generations store (``kdstore generate``) gets the same per-position figures over its completion positions only
+(completion position c predicts ``input_ids[P + c]``, ``completion_next_tokens_and_positions``), bytes per generated
+token, and under ``generations`` its prompts, lengths, finish reasons, accuracy, pass@n and votes
+(``kdstore.generation_stats.CompletionTally``, which ``kdstore info`` shares).
+
 Given a ``kdstore train`` run folder (it holds ``metrics.jsonl``, no manifest.json) it reports the run instead
 (``run_stats``, ``measure_run``): first, last and least training loss, last validation loss, mean tokens/s and
 final learning rate, and the curves against step.
