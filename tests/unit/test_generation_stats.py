@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -51,11 +52,13 @@ PROMPTS = [
 ]
 
 
-def designed_rows() -> list[dict]:
-    """The completions as handed to the writer (decoded arrays), in prompt then sample order."""
+def designed_rows(copies: int = 1) -> list[dict]:
+    """The completions as handed to the writer (decoded arrays), in prompt then sample order; ``copies`` > 1
+    repeats the designed prompts under new ids (p0, ..., p5, p0-1, ...) with new random values."""
     rng = np.random.default_rng(0)
     rows, index = [], 0
-    for number, (prompt_id, reference, answers) in enumerate(PROMPTS):
+    designed = [(f"{p}-{c}" if c else p, reference, answers) for c in range(copies) for p, reference, answers in PROMPTS]
+    for number, (prompt_id, reference, answers) in enumerate(designed):
         prompt = rng.integers(0, CODEC.vocab_size, 1 + number % 5).astype(np.int32)  # P = 1 .. 5
         winner, share = majority(answers)
         for sample, answer in enumerate(answers):
@@ -276,6 +279,25 @@ def test_an_empty_generations_store_is_refused_in_one_line(tmp_path):
     with pytest.raises(EmptyStoreError, match="holds no completions") as caught:
         store_stats(write_generations(tmp_path / "empty", []))
     assert "\n" not in caught.value.one_line()
+
+
+def test_memory_stays_flat_when_the_store_grows_eightfold(tmp_path):
+    """Peak traced memory of a generations store 8x the size stays within 1.5x: the tally keeps sums, histograms
+    and the one prompt being read, not the completions. Shards of a few row groups each: a shard's footer (read
+    whole when the shard opens) grows with its row groups times the 24 columns, which is not what this measures."""
+    sizes = {"row_group_bytes": 3000, "shard_bytes": 12_000}
+    small = write_generations(tmp_path / "small", designed_rows(copies=4), **sizes)
+    large = write_generations(tmp_path / "large", designed_rows(copies=32), **sizes)
+    store_stats(small)  # imports and caches first
+    peaks = []
+    for store in (small, large):
+        tracemalloc.start()
+        store_stats(store)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    row_groups = [pq.ParquetFile(path).num_row_groups for path in (large / "shards").glob("*.parquet")]
+    assert sum(row_groups) >= 8 * max(row_groups)
+    assert peaks[1] < 1.5 * peaks[0], peaks
 
 
 # -- pictures and the command ----------------------------------------------------------------------------------------
