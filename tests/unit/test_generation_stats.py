@@ -266,6 +266,28 @@ def test_mass_tail_and_entropy_histograms_by_completion_position(figures):
     assert figures["entropy"]["upper_counts"] == count_bins(upper, figures["entropy"]["edges"])
 
 
+def test_greedy_completions_of_a_real_teacher_have_their_every_token_at_rank_1(tmp_path, tiny_teacher):
+    """`kdstore generate --temperature 0` draws the teacher's first choice at every step, so measured at the right
+    offset (position c against input_ids[P + c]) every completion token is at rank 1 of the stored top-K."""
+    from kdstore.generate import GenerateConfig, generate
+
+    lines = [json.dumps({"id": f"q{i}", "prompt": " ".join(f"w{(7 * i + j) % 300}" for j in range(2 + i)),
+                         "answer": str(i)}) for i in range(4)]
+    (tmp_path / "p.jsonl").write_text("\n".join(lines) + "\n")
+    generate(GenerateConfig(prompts=str(tmp_path / "p.jsonl"), teacher=str(tiny_teacher), out=str(tmp_path / "g"),
+                            n=2, k=8, max_new_tokens=9, temperature=0.0, device="cpu", progress=False))
+    figures = store_stats(tmp_path / "g")
+    rows = pq.read_table(next((tmp_path / "g" / "shards").glob("*.parquet"))).to_pylist()
+    generated = sum(len(r["token_logprobs"]) for r in rows)
+    assert figures["num_positions"] == generated == figures["generations"]["completion_tokens"]["total"] > 8
+    assert figures["target_rank"]["counts"][0] == generated and figures["target_rank"]["outside"] == 0
+    assert figures["generations"]["num_prompts"] == 4 and figures["generations"]["num_completions"] == 8
+    # the stored codes are within the codebook's bound of the drawn tokens' own log-probs
+    exact = sum(sum(r["token_logprobs"]) for r in rows) / generated
+    codebook = open_store(tmp_path / "g", tables=(TABLE_GENERATIONS,)).codec.codebook
+    assert abs(figures["mean_target_logprob"] - exact) <= codebook.log_step / 2
+
+
 def test_bytes_are_counted_per_generated_token(gens, figures):
     manifest = json.loads((gens / "manifest.json").read_text())
     on_disk = sum((gens / s["path"]).stat().st_size for s in manifest["shards"])
