@@ -192,7 +192,7 @@ def format_completion_lines(g: dict[str, Any]) -> list[str]:
         f"{'answers':<22}{a['num_with_answer']:,} of {g['num_completions']:,} completions have one "
         f"({_pct(a['num_with_answer'], g['num_completions'])})",
         f"{'accuracy':<22}{_pct(a['num_correct'], a['num_with_reference'])} ({a['num_correct']:,} correct of "
-        f"{a['num_with_reference']:,} completions with a reference; {a['num_without_answer']:,} of these have no answer)",
+        f"{a['num_with_reference']:,} completions with a reference; without an answer: {a['num_without_answer']:,})",
         f"{'pass@n':<22}{_pct(p['num_passed'], p['num_prompts_with_reference'])} ({p['num_passed']:,} of "
         f"{p['num_prompts_with_reference']:,} prompts with a reference have a correct completion)",
         f"{'majority accuracy':<22}{_pct(m['num_correct'], p['num_prompts_with_reference'])} (the majority answer of "
