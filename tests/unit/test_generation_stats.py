@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from test_stats import count_bins, png_size
+from test_stats import count_bins, png_size, stats_peak_memory
 
 from conftest import make_manifest, teacher_outputs
 from kdstore.answers import majority, normalise
@@ -310,13 +309,7 @@ def test_memory_stays_flat_when_the_store_grows_eightfold(tmp_path):
     sizes = {"row_group_bytes": 3000, "shard_bytes": 12_000}
     small = write_generations(tmp_path / "small", designed_rows(copies=4), **sizes)
     large = write_generations(tmp_path / "large", designed_rows(copies=32), **sizes)
-    store_stats(small)  # imports and caches first
-    peaks = []
-    for store in (small, large):
-        tracemalloc.start()
-        store_stats(store)
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
+    peaks = stats_peak_memory(small, large)
     row_groups = [pq.ParquetFile(path).num_row_groups for path in (large / "shards").glob("*.parquet")]
     assert sum(row_groups) >= 8 * max(row_groups)
     assert peaks[1] < 1.5 * peaks[0], peaks

@@ -249,18 +249,24 @@ def test_an_empty_store_is_refused_in_one_line(tmp_path):
     assert "\n" not in caught.value.one_line()
 
 
+def stats_peak_memory(*stores: Path) -> list[int]:
+    """Peak traced bytes of ``store_stats`` on each store, after a first run has imported and cached what it needs."""
+    store_stats(stores[0])
+    peaks = []
+    for store in stores:
+        tracemalloc.start()
+        store_stats(store)
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    return peaks
+
+
 def test_memory_stays_flat_when_the_store_grows_eightfold(tmp_path):
     """Peak traced memory (numpy and Python; pyarrow's pool reads one row group at a time by construction) of a
     store 8x the size stays within 1.5x: a reader that held every row group would need ~8x."""
     small = write_store(tmp_path / "small", CODEC, num_sequences=16, seq_len=129, row_group_bytes=20_000)
     large = write_store(tmp_path / "large", CODEC, num_sequences=128, seq_len=129, row_group_bytes=20_000)
-    store_stats(small)  # imports and caches first
-    peaks = []
-    for store in (small, large):
-        tracemalloc.start()
-        store_stats(store)
-        peaks.append(tracemalloc.get_traced_memory()[1])
-        tracemalloc.stop()
+    peaks = stats_peak_memory(small, large)
     assert pq.ParquetFile(next((large / "shards").glob("*.parquet"))).num_row_groups >= 8
     assert peaks[1] < 1.5 * peaks[0], peaks
 
