@@ -187,14 +187,17 @@ def check(store: str, student: str, student_vocab_size: int | None, as_json: boo
 @storage_option
 def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool, storage_options: tuple[str, ...]) -> None:
     """Measure a store one row group at a time: perplexity, entropy bounds, top-K and tail mass, rank of the next
-    token, sampled draws, bytes per column, rows and tokens per shard, scores (docs/stats.md defines each). Given a
-    `kdstore train` run folder (metrics.jsonl): its losses, learning rate and throughput, and their curves.
+    token, sampled draws, bytes per column, rows and tokens per shard, scores (docs/stats.md defines each). A
+    generations store (kdstore generate) adds prompts, completion lengths, finish reasons, accuracy, pass@n and
+    majority votes, its per-position figures taken over the completions. Given a `kdstore train` run folder
+    (metrics.jsonl): its losses, learning rate and throughput, and their curves.
 
     \b
     Example:
       kdstore stats my-store
       kdstore stats my-store --plot my-store-plots --html my-store.html
       kdstore stats s3://bucket/store --json --storage-option endpoint_url=http://127.0.0.1:9000 | jq .perplexity
+      kdstore stats my-gens --json | jq .generations.pass_at_n
       kdstore stats my-run --plot my-run-plots --html my-run.html
     """
     from kdstore.run_stats import format_run_stats, is_run_folder, measure_run

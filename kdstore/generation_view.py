@@ -10,20 +10,16 @@ decoded by ``kdstore.codec.decode_positions``, as for a logits store.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from kdstore.codec import decode_positions
 from kdstore.errors import KdstoreError
+from kdstore.generation_stats import COMPLETION_COLUMNS, CompletionTally
 from kdstore.store import Store
-
-_SUMMARY_COLUMNS = ["prompt_id", "input_ids", "prompt_num_tokens", "finish_reason", "answer", "correct",
-                    "agrees_with_majority", "vote_share", "majority_answer", "reference_answer"]
 
 
 def _tables(store: Store, columns: list[str] | None) -> Iterator[pa.Table]:
@@ -33,52 +29,47 @@ def _tables(store: Store, columns: list[str] | None) -> Iterator[pa.Table]:
             yield store.read_row_group(parquet, shard, group, columns)
 
 
+def completion_cut(token_offsets: np.ndarray, prompt_num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each completion as a logits-table row (docs/format.md): its tokens from P - 1 on, so that the row's position
+    c predicts token P + c, as a logits row's position t predicts token t + 1.
+
+    token_offsets [B+1], prompt_num_tokens [B] (each 1 <= P <= T) -> (index [N_cut] into the flat input_ids,
+    offsets [B+1] of the cut rows) int64; a row of T tokens keeps T - P + 1, one more than its C positions.
+    """
+    starts, lengths = token_offsets[:-1].astype(np.int64), np.diff(token_offsets).astype(np.int64)
+    kept = lengths - prompt_num_tokens.astype(np.int64) + 1
+    first = np.repeat(starts + lengths - kept, kept)
+    position = np.arange(int(kept.sum())) - np.repeat(np.concatenate(([0], np.cumsum(kept)[:-1])), kept)
+    return first + position, np.concatenate(([0], np.cumsum(kept))).astype(np.int64)
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
 def generation_summary(store: Store) -> dict[str, Any]:
-    """What ``kdstore info`` adds for a generations store: counts, tokens, finish reasons, answers and votes."""
-    prompts: dict[str, dict[str, Any]] = {}
-    reasons: Counter[str] = Counter()
-    completions = prompt_tokens = generated = with_answer = with_reference = correct = 0
-    for table in _tables(store, _SUMMARY_COLUMNS):
-        lengths = pc.list_value_length(table["input_ids"]).to_numpy()
-        prompt_lengths = table["prompt_num_tokens"].to_numpy()
-        completions += table.num_rows
-        generated += int((lengths - prompt_lengths).sum())
-        reasons.update(table["finish_reason"].to_pylist())
-        with_answer += table.num_rows - table["answer"].null_count
-        columns = {name: table[name].to_pylist() for name in ("prompt_id", "correct", "agrees_with_majority",
-                                                             "vote_share", "majority_answer", "reference_answer")}
-        for row in range(table.num_rows):
-            ok = columns["correct"][row]
-            seen = prompts.setdefault(columns["prompt_id"][row], {"any": False, "majority": None,
-                                                                  "share": columns["vote_share"][row]})
-            if seen.get("tokens") is None:
-                seen["tokens"] = int(prompt_lengths[row])
-                prompt_tokens += seen["tokens"]
-            if ok is not None:
-                with_reference += 1
-                correct += int(ok)
-                seen["any"] |= ok
-                if columns["agrees_with_majority"][row]:
-                    seen["majority"] = ok  # the majority answer is right exactly when an agreeing row is
-                elif seen["majority"] is None and columns["majority_answer"][row] is None:
-                    seen["majority"] = False
-    referenced = [p for p in prompts.values() if p["majority"] is not None]
-    shares = [p["share"] for p in prompts.values() if p["share"] is not None]
+    """What ``kdstore info`` adds for a generations store: counts, tokens, finish reasons, answers and votes
+    (counted by ``CompletionTally``, as ``kdstore stats`` counts them)."""
+    tally = CompletionTally()
+    for table in _tables(store, list(COMPLETION_COLUMNS)):
+        tally.add(table)
+    g = tally.figures()
     build = store.manifest.build
+    generated = g["completion_tokens"]["total"]
     return {
-        "num_prompts": len(prompts),
-        "num_completions": completions,
+        "num_prompts": g["num_prompts"],
+        "num_completions": g["num_completions"],
         "completions_per_prompt": build.get("n"),
         "sampling": {k: build.get(k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")},
-        "prompt_tokens": prompt_tokens,
+        "prompt_tokens": g["prompt_tokens"]["total"],
         "generated_tokens": generated,
-        "mean_completion_tokens": round(generated / completions, 2) if completions else None,
-        "finish_reasons": dict(sorted(reasons.items())),
-        "with_answer": round(with_answer / completions, 4) if completions else None,
-        "accuracy": round(correct / with_reference, 4) if with_reference else None,
-        "pass_at_n": round(sum(p["any"] for p in referenced) / len(referenced), 4) if referenced else None,
-        "majority_accuracy": round(sum(bool(p["majority"]) for p in referenced) / len(referenced), 4) if referenced else None,
-        "mean_vote_share": round(float(np.mean(shares)), 4) if shares else None,
+        "mean_completion_tokens": _rounded(g["completion_tokens"]["mean"], 2),
+        "finish_reasons": g["finish_reasons"]["counts"],
+        "with_answer": _rounded(g["answers"]["fraction_with_answer"]),
+        "accuracy": _rounded(g["answers"]["accuracy"]),
+        "pass_at_n": _rounded(g["pass_at_n"]["value"]),
+        "majority_accuracy": _rounded(g["majority"]["accuracy"]),
+        "mean_vote_share": _rounded(g["vote_share"]["mean"]),
         "bytes_per_generated_token": round(store.manifest.total_bytes / generated, 2) if generated else None,
     }
 

@@ -67,10 +67,11 @@ def _tail_mass(ax: Any, f: dict[str, Any]) -> str:
 
 def _mass_by_position(ax: Any, f: dict[str, Any]) -> str:
     means = f["topk_mass"]["mean_by_position"]
+    where = "completion" if "generations" in f else "sequence"  # a generations store's positions: completions only
     ax.plot(range(len(means)), means, color=TOP_COLOUR, marker="." if len(means) <= 64 else None)
-    ax.set(ylim=(0, 1.02), xlabel="position in the sequence", ylabel="mean top-K mass",
-           title="Top-K mass by position in the sequence")
-    return "Mean probability mass held by the stored K at each position index, over all sequences."
+    ax.set(ylim=(0, 1.02), xlabel=f"position in the {where}", ylabel="mean top-K mass",
+           title=f"Top-K mass by position in the {where}")
+    return f"Mean probability mass held by the stored K at each position index, over all {where}s."
 
 
 def _entropy(ax: Any, f: dict[str, Any]) -> str:
@@ -89,10 +90,11 @@ def _bytes(ax: Any, f: dict[str, Any]) -> str:
     names = list(columns)[::-1]
     ax.barh(names, [columns[n]["per_token"] or 0 for n in names], color=TOP_COLOUR)
     in_columns = sum(columns[n]["per_token"] or 0 for n in names)
-    ax.set(xlabel="compressed bytes per token",
-           title=f"Bytes per token: {in_columns:.1f} in columns, {f['bytes']['per_token']:.1f} with footers")
-    ax.tick_params(axis="y", labelsize=8)
-    return "Compressed bytes per token of each column, from the shards' Parquet footers."
+    token = "generated token" if "generations" in f else "token"  # the denominator store_stats used
+    ax.set(xlabel=f"compressed bytes per {token}",
+           title=f"Bytes per {token}: {in_columns:.1f} in columns, {f['bytes']['per_token']:.1f} with footers")
+    ax.tick_params(axis="y", labelsize=8 if len(names) <= 12 else 7)
+    return f"Compressed bytes per {token} of each column, from the shards' Parquet footers."
 
 
 def _shards(ax: Any, f: dict[str, Any]) -> str:
@@ -120,6 +122,69 @@ def _scores(ax: Any, f: dict[str, Any]) -> str:
     return "Histograms of the per-sequence score columns."
 
 
+def _completion_lengths(ax: Any, f: dict[str, Any]) -> str:
+    lengths = f["generations"]["completion_tokens"]
+    edges = np.array(lengths["edges"])
+    ax.bar(edges[:-1], lengths["counts"], width=np.diff(edges), align="edge", color=TOP_COLOUR, edgecolor="white")
+    ax.axvline(lengths["mean"], color="black", linestyle="--", label=f"mean {lengths['mean']:.1f}")
+    _integer_ticks(ax.xaxis)
+    _integer_ticks(ax.yaxis)
+    ax.set(xlabel="completion length, tokens", ylabel="completions",
+           title=f"Completion lengths (max {lengths['max']:,} tokens)")
+    ax.legend(loc="upper right")
+    width = int(edges[1] - edges[0])
+    return f"Histogram of the completions' lengths in generated tokens (bins of {width} token{'s' * (width != 1)})."
+
+
+def _finish_reasons(ax: Any, f: dict[str, Any]) -> str:
+    reasons = f["generations"]["finish_reasons"]
+    names = ["stop", "length", *(n for n in reasons["counts"] if n not in ("stop", "length"))]  # both, even at 0
+    bars = ax.bar(names, [reasons["shares"].get(n, 0.0) for n in names], width=0.5,
+                  color=[TOP_COLOUR if n == "stop" else OUTSIDE_COLOUR for n in names])
+    ax.bar_label(bars, labels=[f"{reasons['counts'].get(n, 0):,}" for n in names])
+    ax.set(ylim=(0, 1.1), xlabel="finish reason", ylabel="share of completions",
+           title="Why completions ended (stop: end of sequence or a stop string)")
+    return "Share of completions by finish reason (stop: end-of-sequence token or a stop string; length: " \
+           "max_new_tokens reached), with the counts above the bars."
+
+
+def _vote_shares(ax: Any, f: dict[str, Any]) -> str:
+    g = f["generations"]
+    sizes = [n for n, count in enumerate(g["completions_per_prompt"]["counts"]) if count]
+    votes = g["vote_share"]["votes_counts"]
+    votes = votes + [0] * (sizes[-1] + 1 - len(votes))  # up to n votes, even when no prompt got them all
+    labels = [f"{v}/{sizes[0]}" if len(sizes) == 1 else str(v) for v in range(len(votes))]
+    ax.bar(range(len(votes)), votes, color=[OUTSIDE_COLOUR] + [TOP_COLOUR] * (len(votes) - 1))
+    ax.set_xticks(range(len(votes)), labels)
+    _integer_ticks(ax.yaxis)
+    ax.set(xlabel="completions that give the majority answer (0: no completion has an answer)", ylabel="prompts",
+           title=f"Self-consistency: votes for the majority answer (mean share {g['vote_share']['mean']:.2f})")
+    return "Prompts by the number of their completions whose answer is the majority answer (the vote share times n)."
+
+
+def _accuracy(ax: Any, f: dict[str, Any]) -> str:
+    g = f["generations"]
+    answers, passed, majority = g["answers"], g["pass_at_n"], g["majority"]
+    prompts = passed["num_prompts_with_reference"]
+    bars = [("per completion", answers["num_correct"], answers["num_with_reference"]),
+            ("pass@n (any correct)", passed["num_passed"], prompts), ("majority vote", majority["num_correct"], prompts)]
+    shares = [b[1] / b[2] if b[2] else 0.0 for b in bars]
+    drawn = ax.bar([b[0] for b in bars], shares, width=0.6, color=[TOP_COLOUR, TOP_COLOUR, OUTSIDE_COLOUR])
+    ax.bar_label(drawn, labels=[f"{share:.1%} ({b[1]:,}/{b[2]:,})" for share, b in zip(shares, bars)])
+    from matplotlib.ticker import PercentFormatter
+
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))
+    # a low accuracy stays visible: the axis ends a little above the highest bar, not at 100 %
+    ax.set(ylim=(0, min(1.1, max(0.05, 1.2 * max(shares)))), ylabel="correct",
+           title="Answer accuracy (among those with a reference answer)")
+    return "Share of completions with a correct answer, of prompts with at least one correct completion (pass@n), " \
+           "and of prompts whose majority answer is correct, among those with a reference answer."
+
+
+def _generations(f: dict[str, Any]) -> bool:
+    return "generations" in f
+
+
 # name -> (draws the plot on an Axes and returns its caption, whether the figures have what it shows)
 PLOTS: dict[str, tuple[Callable[[Any, dict[str, Any]], str], Callable[[dict[str, Any]], bool]]] = {
     "target_rank": (_rank, lambda f: True),
@@ -131,6 +196,10 @@ PLOTS: dict[str, tuple[Callable[[Any, dict[str, Any]], str], Callable[[dict[str,
     "shard_tokens": (_shards, lambda f: f["num_shards"] > 1),  # one shard: the table says it all
     "sampled_unique_ids": (_sampled, lambda f: f["sampled"] is not None),
     "scores": (_scores, lambda f: bool(f["scores"])),
+    "completion_lengths": (_completion_lengths, _generations),
+    "finish_reasons": (_finish_reasons, _generations),
+    "vote_shares": (_vote_shares, lambda f: _generations(f) and f["generations"]["vote_share"]["mean"] is not None),
+    "accuracy": (_accuracy, lambda f: _generations(f) and f["generations"]["pass_at_n"]["num_prompts_with_reference"] > 0),
 }
 
 

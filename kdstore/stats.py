@@ -19,6 +19,11 @@ docs/stats.md defines every figure; in short, per position t (the teacher's dist
 * bytes per column from the shards' Parquet footers (column chunks' compressed sizes), rows and tokens per shard,
   and the per-sequence score columns when present.
 
+A generations store (``kdstore generate``) gets the same per-position figures over its completion positions only
+(completion position c predicts ``input_ids[P + c]``, ``completion_next_tokens_and_positions``), bytes per generated
+token, and under ``generations`` its prompts, lengths, finish reasons, accuracy, pass@n and votes
+(``kdstore.generation_stats.CompletionTally``, which ``kdstore info`` shares).
+
 Given a ``kdstore train`` run folder (it holds ``metrics.jsonl``, no manifest.json) it reports the run instead
 (``run_stats``, ``measure_run``): first, last and least training loss, last validation loss, mean tokens/s and
 final learning rate, and the curves against step.
@@ -32,10 +37,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kdstore.errors import EmptyStoreError, StatsError, VerifyError
-from kdstore.format import SCORE_COLUMNS, ShardInfo
+from kdstore.format import SCORE_COLUMNS, TABLE_GENERATIONS, TABLE_LOGITS, ShardInfo
+from kdstore.generation_stats import COMPLETION_COLUMNS, CompletionTally, format_completion_lines
+from kdstore.generation_view import completion_cut
 from kdstore.store import DECODED_COLUMNS, Store, StoredRows, is_url, open_store
 
 # fixed histogram edges, so row groups add up without a second pass; values outside fall into the end bins
@@ -87,6 +95,20 @@ def next_tokens_and_positions(input_ids: np.ndarray, token_offsets: np.ndarray) 
     return input_ids[not_first].astype(np.int64), index.astype(np.int64)
 
 
+def completion_next_tokens_and_positions(input_ids: np.ndarray, token_offsets: np.ndarray,
+                                         prompt_num_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``next_tokens_and_positions`` for the rows of a generations table, whose positions cover the completion
+    only: completion position c predicts ``input_ids[P + c]`` (P = prompt_num_tokens), and its index is c.
+
+    input_ids [N_tok], token_offsets [B+1], prompt_num_tokens [B] -> (next_tokens [N_pos], c [N_pos]) int64.
+    """
+    lengths = np.diff(token_offsets)
+    if ((prompt_num_tokens < 1) | (prompt_num_tokens > lengths)).any():
+        raise VerifyError("a completion's prompt_num_tokens does not fit its input_ids; run `kdstore verify`")
+    keep, offsets = completion_cut(token_offsets, prompt_num_tokens)
+    return next_tokens_and_positions(input_ids[keep], offsets)
+
+
 def _histogram(values: np.ndarray, edges: np.ndarray) -> np.ndarray:
     return np.histogram(np.clip(values, edges[0], edges[-1]), bins=edges)[0].astype(np.int64)
 
@@ -120,9 +142,11 @@ class _Tally:
                               "counts": np.zeros(len(SCORE_EDGES) - 1, np.int64)}
                        for name in store.score_columns() if name != "num_positions"}
 
-    def add(self, batch: dict[str, Any]) -> None:
+    def add(self, batch: dict[str, Any], predicted: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        """Fold in one row group; ``predicted``: (next token, index) of each position when a position t does not
+        predict token t + 1 (a generations table: ``completion_next_tokens_and_positions``)."""
         ids, logprobs = batch["topk_ids"], batch["topk_logprobs"]
-        next_tokens, position = next_tokens_and_positions(batch["input_ids"], batch["token_offsets"])
+        next_tokens, position = predicted or next_tokens_and_positions(batch["input_ids"], batch["token_offsets"])
         if next_tokens.shape[0] != ids.shape[0]:
             raise VerifyError(f"a row group holds {ids.shape[0]} positions for {next_tokens.shape[0]} next tokens")
         self.num_sequences += len(batch["token_offsets"]) - 1
@@ -242,17 +266,21 @@ def store_stats(location: str | os.PathLike[str] | Store, storage_options: dict[
 
     One row group is decoded at a time; what is kept between them is a few histograms (fixed edges) and sums.
     """
-    store = open_store(location, storage_options)
+    store = open_store(location, storage_options, tables=(TABLE_LOGITS, TABLE_GENERATIONS))
     if store.manifest.num_sequences == 0:
-        raise EmptyStoreError(f"{store.location} holds no sequences; there is nothing to measure")
+        what = "completions" if store.manifest.table == TABLE_GENERATIONS else "sequences"
+        raise EmptyStoreError(f"{store.location} holds no {what}; there is nothing to measure")
     tally, columns = _Tally(store), store.stored_columns(_decoded(store))
+    completions = CompletionTally() if store.manifest.table == TABLE_GENERATIONS else None
+    if completions is not None:
+        columns += [name for name in COMPLETION_COLUMNS if name not in columns]
     sizes: dict[str, tuple[int, int]] = {}
     shards = []
     for index, shard in enumerate(store.manifest.shards):
         parquet = store.open_shard(index)
         rows_before, tokens_before = tally.num_sequences, tally.num_tokens
         for group in range(parquet.num_row_groups):
-            tally.add(StoredRows(store.codec, store.read_row_group(parquet, index, group, columns)).ragged())
+            _add_row_group(tally, completions, store, store.read_row_group(parquet, index, group, columns))
         for name, (compressed, uncompressed) in column_bytes(parquet.metadata).items():
             before = sizes.get(name, (0, 0))
             sizes[name] = (before[0] + compressed, before[1] + uncompressed)
@@ -264,10 +292,24 @@ def store_stats(location: str | os.PathLike[str] | Store, storage_options: dict[
         for name, score_tally in tally.scores.items():
             _add_scores(score_tally, table.column(name).to_numpy().astype(np.float32))
     figures = tally.figures()
+    # a generations store's bytes are counted per generated token (its positions), as `kdstore info` counts them
+    per = figures["num_tokens"] if completions is None else figures["num_positions"]
     return {"table": store.manifest.table, "k": store.codec.k, "vocab_size": store.codec.vocab_size,
             "num_shards": len(shards), **figures,
-            "bytes": _bytes_figures(sizes, store.manifest.columns, figures["num_tokens"], store.manifest.total_bytes),
+            **({} if completions is None else {"generations": completions.figures()}),
+            "bytes": _bytes_figures(sizes, store.manifest.columns, per, store.manifest.total_bytes),
             "shards": shards}
+
+
+def _add_row_group(tally: _Tally, completions: CompletionTally | None, store: Store, table: pa.Table) -> None:
+    """One row group into the tallies: a generations table's positions cover its completions only."""
+    batch = StoredRows(store.codec, table).ragged()
+    if completions is None:
+        tally.add(batch)
+        return
+    completions.add(table)
+    prompt_tokens = table["prompt_num_tokens"].to_numpy().astype(np.int64)
+    tally.add(batch, completion_next_tokens_and_positions(batch["input_ids"], batch["token_offsets"], prompt_tokens))
 
 
 def _shard_figures(shard: ShardInfo, parquet: pq.ParquetFile, num_rows: int, num_tokens: int) -> dict[str, Any]:
@@ -349,7 +391,8 @@ def format_stats(figures: dict[str, Any], location: str) -> list[str]:
     tail_above = sum(tail["counts"][12:])  # half-decade bins from 1e-8: the 13th starts at 1e-2
     lines = [
         f"{'store':<22}{location}: {f['table']}, K {f['k']} of {f['vocab_size']:,} ids, {f['num_shards']} shard(s)",
-        f"{'sequences':<22}{f['num_sequences']:,} ({f['num_tokens']:,} tokens, {positions:,} positions)",
+        *(format_completion_lines(f["generations"]) if "generations" in f else
+          [f"{'sequences':<22}{f['num_sequences']:,} ({f['num_tokens']:,} tokens, {positions:,} positions)"]),
         f"{'teacher perplexity':<22}" + (f"{f['perplexity']:.4f} (mean target log-prob {f['mean_target_logprob']:.4f})"
                                          if f["perplexity"] is not None else "- (the store has no target log-probs)"),
         f"{'entropy, nats':<22}{format_number(entropy['mean_lower'])} .. {format_number(entropy['mean_upper'])} per position "
@@ -370,7 +413,8 @@ def format_stats(figures: dict[str, Any], location: str) -> list[str]:
         lines.append(f"{name:<22}{score['count']:,} scored, {score['num_null']:,} null: mean {format_number(score['mean'], 4)}, "
                      f"min {format_number(score['min'], 4)}, max {format_number(score['max'], 4)}")
     size = f["bytes"]
-    lines += [f"{'bytes per token':<22}{format_number(size['per_token'], 2)} ({size['file_bytes']:,} bytes in shards, "
+    per = "bytes/generated token" if "generations" in f else "bytes per token"  # positions or tokens (store_stats)
+    lines += [f"{per:<22}{format_number(size['per_token'], 2)} ({size['file_bytes']:,} bytes in shards, "
               f"{size['other_bytes']:,} of them footers)", "",
               f"  {'column':<24}{'bytes':>14}{'per token':>12}{'share':>8}"]
     lines += [f"  {name:<24}{c['compressed']:>14,}{format_number(c['per_token'], 2):>12}"

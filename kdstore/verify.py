@@ -41,6 +41,7 @@ from kdstore.arrow_copy import ArrowCopy, copy_path, sidecar_path
 from kdstore.codec import CodecConfig, sum_check_tolerance
 from kdstore.errors import KdstoreError
 from kdstore.format import TABLE_GENERATIONS
+from kdstore.generation_view import completion_cut
 from kdstore.store import Store, StoredRows, list_parts
 
 MAX_EXAMPLES = 3  # rows named per failed check, so a broken store does not flood the terminal
@@ -230,9 +231,8 @@ def check_generation_rows(codec: CodecConfig, table: pa.Table, build: dict[str, 
                 + _examples(ids, np.arange(len(ids)), bad)]
     completion = lengths - prompt_tokens
     # the completion positions as a logits row: tokens P-1 .. T-1, so position c predicts token P + c
-    starts = offsets[:-1] + prompt_tokens - 1
-    keep = np.concatenate([np.arange(a, b) for a, b in zip(starts, offsets[1:])]) if len(ids) else np.zeros(0, np.int64)
-    cut = pa.array(np.concatenate(([0], np.cumsum(completion + 1))).astype(np.int32))
+    keep, cut_offsets = completion_cut(offsets, prompt_tokens)
+    cut = pa.array(cut_offsets.astype(np.int32))
     as_logits = table.select([c for c in table.column_names if c in StoredRows.POSITION_COLUMNS or c.startswith("sampled_")
                               or c == "sequence_id"])
     as_logits = as_logits.append_column("input_ids", pa.ListArray.from_arrays(cut, pa.array(tokens[keep])))

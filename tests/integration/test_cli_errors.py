@@ -1359,11 +1359,19 @@ def _(w: World) -> Call:
     return stats_call(w, "--plot", "plots", store=str(store), expect=("no sequences",))
 
 
-@case("stats-generations-store")
-def _(w: World) -> Call:  # generation stores do not exist yet in this version (docs/stats.md)
-    store = w.store()
-    edit_manifest(store, lambda m: m.update(table="generations"))
-    return stats_call(w, store=str(store), expect=("'generations' store", "only 'logits'"))
+@case("stats-generations-store-without-completions")
+def _(w: World) -> Call:  # a finished generations store with no rows (every prompt skipped): nothing to measure
+    import dataclasses
+
+    from conftest import make_manifest
+    from kdstore.format import FORMAT_VERSION, TABLE_GENERATIONS, generations_schema
+    from kdstore.writer import ShardWriter
+
+    codec = CodecConfig(k=4, vocab_size=50)
+    manifest = dataclasses.replace(make_manifest(codec), table=TABLE_GENERATIONS, format_version=FORMAT_VERSION)
+    with ShardWriter(w.tmp / "empty-generations", manifest, generations_schema(codec)):
+        pass
+    return stats_call(w, "--plot", "plots", store=str(w.tmp / "empty-generations"), expect=("holds no completions",))
 
 
 @case("stats-store-with-a-damaged-shard-midway")
