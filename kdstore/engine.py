@@ -14,9 +14,9 @@ sees, or, for build, an object-store URL):
 
 * tasks, not actors: a partition is the unit of retry. When a worker dies (killed, out of memory, a lost
   node) Ray reruns its task (``max_retries``), and the rerun resumes from the partition's committed shards
-  (kdstore/writer.py), so the store is byte for byte the one an uninterrupted run writes. An actor would keep
-  the teacher loaded between partitions, but a restarted actor reruns its constructor, not the half-done
-  partition; the retry bookkeeping would be ours to write.
+  (kdstore/writer.py; score: its finished score files), so the store is byte for byte the one an uninterrupted
+  run writes. An actor would keep the teacher loaded between partitions, but a restarted actor reruns its
+  constructor, not the half-done partition; the retry bookkeeping would be ours to write.
 * not Ray Data: ``map_batches`` over an actor pool streams the teacher outputs (K ids and K log-probs per
   token) through the object store into one writer, which makes that writer the bottleneck, and Ray Data
   retries blocks, not the writer's committed prefix: a killed build could no longer resume to the same
@@ -35,13 +35,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 from kdstore.errors import EngineError, KdstoreError
 from kdstore.format import PARTITION_DIR, SHARD_DIR
 from kdstore.records import check_output_folder, read_record
 from kdstore.store import is_url
 from kdstore.writer import read_shard_essentials
+
+if TYPE_CHECKING:
+    from kdstore.build import ProgressCallback  # (items done, items of the partition, tokens): every pass takes one
 
 RAY_EXTRA = "pip install 'kdstore[ray]'"
 # Ray reruns a partition whose worker died this many times; each rerun resumes from the committed shards
@@ -73,8 +76,6 @@ class PassResult(Protocol):
 
 C = TypeVar("C", bound=PartitionedConfig)
 R = TypeVar("R", bound=PassResult)
-# (items done, items of the partition, tokens written by this run): called before the first item and after each
-ProgressCallback = Callable[[int, int, int], None]
 
 
 @dataclass(frozen=True)

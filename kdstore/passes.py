@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdstore.build import BuildConfig, BuildResult, build
-from kdstore.engine import ProgressCallback, TeacherPass, check_out, started_num_partitions
+from kdstore.build import BuildConfig, BuildResult, ProgressCallback, build
+from kdstore.engine import TeacherPass, check_out, started_num_partitions
 from kdstore.errors import BuildError, EngineError, GenerateError, ScoreError
 from kdstore.generate import GenerateConfig, GenerateResult, check_generate_out, generate
 from kdstore.score import ScoreConfig, ScoreResult, check_reference_tokenizer, open_scorable, score_store

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -44,6 +43,7 @@ from kdstore.format import (
 from kdstore.store import Store, StoredRows, open_store
 
 if TYPE_CHECKING:
+    from kdstore.build import ProgressCallback
     from kdstore.teacher import Teacher
 
 SCORES_KEY = b"kdstore_scores"  # Parquet key-value metadata of a score file: what it scores, with what
@@ -267,15 +267,11 @@ def check_context(store: Store, model: Teacher, reference: str) -> None:
                          hint="use a reference with a longer context (max_position_embeddings)")
 
 
-# (shards done, shards of the partition, tokens scored by this run): before the first shard and after each
-ProgressCallback = Callable[[int, int, int], None]
-
-
 def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None = None,
                 model: Teacher | None = None, on_progress: ProgressCallback | None = None) -> ScoreResult:
     """Score (or resume scoring) partition ``config.partition`` of the store; ``precomputed`` and ``model``: the
     reference log-probs by sequence id and the loaded reference that ``kdstore build --reference`` already has
-    (the rest is computed here).
+    (the rest is computed here); ``on_progress`` gets (shards done, shards of the partition, tokens scored).
 
     ``config.engine == "ray"`` runs every partition as a task on a Ray cluster instead (kdstore.engine)."""
     if config.engine != "local":

@@ -178,9 +178,9 @@ def test_a_ray_build_writes_the_store_a_local_build_writes(cluster, setup, tmp_p
     assert "ran 2 partitions as Ray tasks on 2 node(s)" in result.summary_lines()
 
 
-def test_a_worker_killed_mid_partition_is_rerun_and_the_store_is_still_identical(cluster, setup, tmp_path):
-    config, folder = setup
-    out = tmp_path / "ray"
+def run_killing_partition_0(config, out: Path):
+    """Run ``config`` on Ray into ``out``, killing the Ray worker of partition 0 (SIGKILL) once, when that partition
+    has committed a shard and has work left; the result, once partition 0 was seen to be rerun."""
     killed: list[int] = []
 
     def kill_once_a_shard_is_committed(progress: dict) -> None:
@@ -190,10 +190,16 @@ def test_a_worker_killed_mid_partition_is_rerun_and_the_store_is_still_identical
             os.kill(state.pids[-1], signal.SIGKILL)  # the Ray worker process running partition 0
             killed.append(state.pids[-1])
 
-    result = run_partitions(replace(config, out=str(out), engine="ray", ray_address=cluster),
-                            on_progress=kill_once_a_shard_is_committed)
+    result = run_partitions(replace(config, out=str(out), engine="ray"), on_progress=kill_once_a_shard_is_committed)
     assert killed, "partition 0 finished before a shard was committed and polled: nothing was killed"
     assert any("partition 0 was rerun 1 time(s)" in line for line in result.summary_lines()), result.summary_lines()
+    return result
+
+
+def test_a_worker_killed_mid_partition_is_rerun_and_the_store_is_still_identical(cluster, setup, tmp_path):
+    config, folder = setup
+    out = tmp_path / "ray"
+    run_killing_partition_0(replace(config, ray_address=cluster), out)
     assert _shards(out) == _shards(folder / "local")
     assert verify_store(open_store(out)) == []
 
@@ -274,19 +280,7 @@ def test_a_generate_worker_killed_mid_partition_is_rerun_and_the_store_is_still_
                                                                                           tmp_path):
     config, folder = generate_setup
     out = tmp_path / "ray"
-    killed: list[int] = []
-
-    def kill_once_a_shard_is_committed(progress: dict) -> None:
-        state = progress.get(0)
-        committed = list((out / "shards").glob("part-00000-*.parquet")) if (out / "shards").is_dir() else []
-        if not killed and state is not None and committed and state.num_units_done < state.num_units:
-            os.kill(state.pids[-1], signal.SIGKILL)  # the Ray worker process running partition 0
-            killed.append(state.pids[-1])
-
-    result = run_partitions(replace(config, out=str(out), engine="ray", ray_address=cluster),
-                            on_progress=kill_once_a_shard_is_committed)
-    assert killed, "partition 0 finished before a shard was committed and polled: nothing was killed"
-    assert any("partition 0 was rerun 1 time(s)" in line for line in result.summary_lines()), result.summary_lines()
+    run_killing_partition_0(replace(config, ray_address=cluster), out)
     assert _shards(out) == _shards(folder / "local")
     assert verify_store(open_store(out, tables=GENERATIONS)) == []
 
