@@ -48,6 +48,22 @@ storage_option = click.option(
     help="fsspec option for a remote STORE (repeatable), e.g. endpoint_url=http://127.0.0.1:9000.")
 
 
+def engine_options(command: Any) -> Any:
+    """--engine, --ray-address and --num-gpus-per-worker: where a teacher pass's partitions run (kdstore/engine.py)."""
+    for option in reversed([
+        click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
+                     help="Where the partitions run: this process, or tasks on a Ray cluster (pip install "
+                          "'kdstore[ray]'). [default: local]"),
+        click.option("--ray-address", default=None, metavar="ADDR",
+                     help="--engine ray: the cluster (HOST:PORT, ray://HOST:PORT, or auto: the one `ray start` made "
+                          "here). [default: RAY_ADDRESS, else a new local cluster for this run]"),
+        click.option("--num-gpus-per-worker", type=float, default=None,
+                     help="--engine ray: GPUs per partition task; 0 runs them on CPUs. [default: 0]"),
+    ]):
+        command = option(command)
+    return command
+
+
 def _options(pairs: tuple[str, ...], flag: str = "--storage-option") -> dict[str, str] | None:
     """``flag`` KEY=VALUE pairs -> a dict (None when there are none)."""
     if any("=" not in pair or pair.startswith("=") for pair in pairs):
@@ -237,14 +253,7 @@ def stats(store: str, plot_dir: str | None, html_file: str | None, as_json: bool
               help="Split the build into N independent partitions. [default: 1; --engine ray: as many as the cluster "
                    "runs at once]")
 @click.option("--partition", type=int, default=None, help="Which partition this process builds (0-based).")
-@click.option("--engine", type=click.Choice(["local", "ray"]), default=None,
-              help="Where the partitions run: this process, or tasks on a Ray cluster (pip install 'kdstore[ray]'). "
-                   "[default: local]")
-@click.option("--ray-address", default=None, metavar="ADDR",
-              help="--engine ray: the cluster (HOST:PORT, ray://HOST:PORT, or auto: the one `ray start` made here). "
-                   "[default: RAY_ADDRESS, else a new local cluster for this build]")
-@click.option("--num-gpus-per-worker", type=float, default=None,
-              help="--engine ray: GPUs per partition task; 0 runs them on CPUs. [default: 0]")
+@engine_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="build.toml; flags override it.")
 @click.option("--finalize", "finalize_only", is_flag=True, help="Only write the manifest of finished partitions.")
 @click.option("--reference", default=None,
@@ -305,8 +314,10 @@ def build(corpus: tuple[str, ...], config_file: str | None, finalize_only: bool,
 @click.option("--device", default=None, help="cpu, cuda, cuda:N or auto. [default: auto]")
 @click.option("--seed", type=int, default=None, help="Seeds every sample (with its prompt id and index). [default: 0]")
 @click.option("--trust-remote-code", is_flag=True, default=None, help="Allow the teacher's own Python code.")
-@click.option("--num-partitions", type=int, default=None, help="Split the prompts into N independent partitions.")
+@click.option("--num-partitions", type=int, default=None, help="Split the prompts into N independent partitions. "
+              "[default: 1; --engine ray: as many as the cluster runs at once]")
 @click.option("--partition", type=int, default=None, help="Which partition this process generates (0-based).")
+@engine_options
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), help="generate.toml; flags override it.")
 def generate(prompts: str, config_file: str | None, **flags: Any) -> None:
     """Sample teacher completions for PROMPTS and store them with the teacher's per-token top-K and checked answers.
@@ -320,6 +331,7 @@ def generate(prompts: str, config_file: str | None, **flags: Any) -> None:
       kdstore generate problems.jsonl --out gens -n 4 --temperature 0.8 --stop "\\n\\n"
       kdstore generate chats.parquet --teacher ./chat-model --chat-template --system "Be brief." --out gens
       kdstore generate gsm.jsonl --teacher ./model --out gens --answer-extractor boxed --config generate.toml
+      kdstore generate /shared/p.jsonl --teacher /shared/model --out /shared/gens --engine ray --ray-address head:6379
     """
     from kdstore.generate import generate as run_generate
     from kdstore.generate import resolved_config
@@ -477,8 +489,11 @@ def train(store: str, config_file: str | None, resume: bool, quiet: bool, storag
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--batch-tokens", type=int, default=8192, show_default=True, help="Tokens per reference batch, padding included.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the reference's own Python code.")
-@click.option("--num-partitions", type=int, default=1, show_default=True, help="Split the pass into N independent partitions.")
+@click.option("--num-partitions", type=int, default=1, show_default=True,
+              help="Split the pass into N independent partitions (--engine ray: 1 means as many as the cluster runs "
+                   "at once).")
 @click.option("--partition", type=int, default=0, show_default=True, help="Which partition this process scores (0-based).")
+@engine_options
 def score(store: str, **flags: Any) -> None:
     """Score every sequence of STORE with a small reference model, for `kdstore select`.
 
@@ -490,10 +505,12 @@ def score(store: str, **flags: Any) -> None:
     Example:
       kdstore score my-store --reference ./small-model
       kdstore score my-store --reference ./small-model --per-token --device cuda
+      kdstore score /shared/store --reference /shared/small-model --engine ray --ray-address head:6379
     """
     from kdstore.score import ScoreConfig, score_store
 
-    for line in score_store(ScoreConfig(store=store, **flags)).summary_lines():
+    config = ScoreConfig(store=store, **{name: value for name, value in flags.items() if value is not None})
+    for line in score_store(config).summary_lines():
         click.echo(line)
 
 

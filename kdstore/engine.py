@@ -2,17 +2,21 @@
 
     build(BuildConfig(corpus=("data/",), out="/shared/store", engine="ray", ray_address="head:6379",
                       num_gpus_per_worker=1))          # or: kdstore build data/ --out ... --engine ray
+    generate(GenerateConfig(prompts="p.jsonl", out="/shared/gens", engine="ray"))   # kdstore generate ... --engine ray
+    score_store(ScoreConfig(store="/shared/store", reference="small", engine="ray"))  # kdstore score ... --engine ray
 
-A build is a set of independent partitions (kdstore/build.py): each reads the corpus, keeps the work units
-whose key hashes to it and writes its own shards; the last one to finish writes the manifest. On Ray each
-partition is one task running the local build of that partition, ``build(replace(config, partition=p))``,
-into the same ``out`` (a path every node sees, or an object-store URL):
+Every teacher pass (build, generate, score) is a set of independent partitions: each does the work whose key
+hashes to it (kdstore/build.py: work units; kdstore/generate.py: prompts; kdstore/score.py: shards) and writes
+its own files, resumably; the last one to finish writes the manifest. A ``TeacherPass`` (below) says how to
+run one partition in this process and how to merge the partitions' results. On Ray each partition is one task
+running that local pass, e.g. ``build(replace(config, partition=p))``, into the same output (a path every node
+sees, or, for build, an object-store URL):
 
 * tasks, not actors: a partition is the unit of retry. When a worker dies (killed, out of memory, a lost
   node) Ray reruns its task (``max_retries``), and the rerun resumes from the partition's committed shards
-  (kdstore/writer.py), so the store is byte for byte the one an uninterrupted run writes. An actor would keep
-  the teacher loaded between partitions, but a restarted actor reruns its constructor, not the half-done
-  partition; the retry bookkeeping would be ours to write.
+  (kdstore/writer.py; score: its finished score files), so the store is byte for byte the one an uninterrupted
+  run writes. An actor would keep the teacher loaded between partitions, but a restarted actor reruns its
+  constructor, not the half-done partition; the retry bookkeeping would be ours to write.
 * not Ray Data: ``map_batches`` over an actor pool streams the teacher outputs (K ids and K log-probs per
   token) through the object store into one writer, which makes that writer the bottleneck, and Ray Data
   retries blocks, not the writer's committed prefix: a killed build could no longer resume to the same
@@ -31,14 +35,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from kdstore.build import BuildConfig, BuildResult, build
-from kdstore.errors import BuildError, EngineError, KdstoreError
+from kdstore.errors import EngineError, KdstoreError
 from kdstore.format import PARTITION_DIR, SHARD_DIR
 from kdstore.records import check_output_folder, read_record
 from kdstore.store import is_url
 from kdstore.writer import read_shard_essentials
+
+if TYPE_CHECKING:
+    from kdstore.build import ProgressCallback  # (items done, items of the partition, tokens): every pass takes one
 
 RAY_EXTRA = "pip install 'kdstore[ray]'"
 # Ray reruns a partition whose worker died this many times; each rerun resumes from the committed shards
@@ -48,6 +54,48 @@ MAX_BARS = 8  # more partitions than this: only the total bar
 CONNECT_SECONDS = 5.0  # the TCP check of --ray-address; ray.init itself would retry for a minute
 
 
+class PartitionedConfig(Protocol):
+    """The fields of a teacher pass's frozen config dataclass that the engine reads and sets (with ``replace``)."""
+
+    num_partitions: int
+    partition: int  # 0 with --engine ray: the engine sets it per task
+    engine: str  # "local" or "ray"
+    ray_address: str  # "": RAY_ADDRESS, else a new local cluster; "auto": the one `ray start` made here
+    num_gpus_per_worker: float  # GPUs per partition task; 0 runs it on one CPU
+    device: str
+    progress: bool
+
+
+class PassResult(Protocol):
+    """A partition's (and the merged) result: ``notes`` come last in ``summary_lines``."""
+
+    notes: list[str]
+
+    def summary_lines(self) -> list[str]: ...
+
+
+C = TypeVar("C", bound=PartitionedConfig)
+R = TypeVar("R", bound=PassResult)
+
+
+@dataclass(frozen=True)
+class TeacherPass(Generic[C, R]):
+    """How the engine runs one kind of teacher pass (kdstore/passes.py has build, generate and score)."""
+
+    name: str  # "build": the command, in messages
+    unit: str  # what a partition's progress counts: "unit", "prompt", "shard"
+    error: type[KdstoreError]  # the pass's error class, for a task that failed with another exception
+    # one partition in this process: (config with engine "local", storage options, progress callback) -> result
+    run: Callable[[C, dict[str, Any] | None, ProgressCallback], R]
+    # the whole pass's result from every partition's (by partition), given the wall time of the whole run
+    merge: Callable[[C, dict[int, R], float], R]
+    # refuses what a local run would refuse before any model loads (a foreign --out folder, ...), before the
+    # cluster starts
+    check: Callable[[C, dict[str, Any] | None], None]
+    # the number of partitions a started run was split into (a rerun resumes it), or None: any number will do
+    started_num_partitions: Callable[[C], int | None]
+
+
 @dataclass
 class PartitionProgress:
     """What the driver knows of one partition; ``pids`` has one entry per attempt (a rerun adds one)."""
@@ -55,7 +103,7 @@ class PartitionProgress:
     partition: int
     pids: list[int] = field(default_factory=list)
     node: str = ""
-    num_units_done: int = 0
+    num_units_done: int = 0  # items of the pass's ``unit``: work units, prompts or shards
     num_units: int = 0
     num_tokens: int = 0
     done: bool = False
@@ -72,46 +120,53 @@ def import_ray() -> Any:
     return ray
 
 
-def run_partitions(config: BuildConfig, storage_options: dict[str, Any] | None = None,
-                   on_progress: ProgressListener | None = None) -> BuildResult:
-    """Run every partition of ``config`` as a Ray task; the BuildResult of the whole store.
+def run_partitions(config: Any, storage_options: dict[str, Any] | None = None,
+                   on_progress: ProgressListener | None = None) -> Any:
+    """Run every partition of ``config`` (a BuildConfig, GenerateConfig or ScoreConfig) as a Ray task; the
+    result of the whole pass (BuildResult, GenerateResult, ScoreResult).
 
     ``on_progress`` gets the progress of every started partition about every POLL_SECONDS."""
+    from kdstore.passes import pass_of
+
+    teacher_pass = pass_of(config)
     started = time.perf_counter()
     _check_settings(config)
     ray = import_ray()
-    _check_out(config, storage_options)  # refused before a cluster starts or a teacher loads
+    teacher_pass.check(config, storage_options)  # refused before a cluster starts or a teacher loads
     connected_here = _connect(ray, config.ray_address)
     try:
         num_partitions = config.num_partitions if config.num_partitions > 1 else (
-            _started_num_partitions(config.out) or _worker_slots(ray, config))
+            teacher_pass.started_num_partitions(config) or _worker_slots(ray, config))
         _check_gpus(ray, config)
-        results, progress = _run_tasks(ray, config, num_partitions, storage_options, on_progress)
+        results, progress = _run_tasks(ray, teacher_pass, config, num_partitions, storage_options, on_progress)
     finally:
         if connected_here:
             ray.shutdown()
-    return _merged(config, results, progress, time.perf_counter() - started)
+    merged = teacher_pass.merge(config, results, time.perf_counter() - started)
+    nodes = {state.node for state in progress.values() if state.node}
+    merged.notes.append(f"ran {len(results)} partitions as Ray tasks on {len(nodes)} node(s)")
+    merged.notes += [f"partition {p} was rerun {len(state.pids) - 1} time(s) after its worker died; it resumed from "
+                     "what it had committed" for p, state in sorted(progress.items()) if len(state.pids) > 1]
+    return merged
 
 
-def _check_settings(config: BuildConfig) -> None:
+def _check_settings(config: PartitionedConfig) -> None:
     if config.partition != 0:
         raise EngineError(f"--partition {config.partition} with --engine ray: Ray runs every partition",
                           hint="drop --partition (--num-partitions sets how many there are)")
-    if config.num_gpus_per_worker == 0 and config.backend == "vllm":
-        raise EngineError("--backend vllm with --engine ray and --num-gpus-per-worker 0: vLLM runs each partition's "
-                          "engine on GPUs", hint="pass --num-gpus-per-worker 1 (or the GPUs of one vLLM engine)")
     if config.num_gpus_per_worker == 0 and config.device.startswith("cuda"):
         raise EngineError(f"--device {config.device} with --num-gpus-per-worker 0: Ray gives the tasks no GPU",
                           hint="pass --num-gpus-per-worker 1 (or more), or --device cpu")
 
 
-def _check_out(config: BuildConfig, storage_options: dict[str, Any] | None) -> None:
-    if is_url(config.out):
+def check_out(out: str, storage_options: dict[str, Any] | None) -> None:
+    """A local run's check of its output: a folder (new, empty or a store of ours) or an unused URL prefix."""
+    if is_url(out):
         from kdstore.mirror import RemoteMirror
 
-        RemoteMirror(config.out, storage_options).check_target(None)
+        RemoteMirror(out, storage_options).check_target(None)
     else:
-        check_output_folder(Path(config.out))
+        check_output_folder(Path(out))
 
 
 def _connect(ray: Any, address: str) -> bool:
@@ -129,7 +184,7 @@ def _connect(ray: Any, address: str) -> bool:
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         raise EngineError(f"cannot attach to the Ray cluster at {address or 'a new local instance'}: {_first_line(exc)}",
                           hint="start one with `ray start --head`, then pass the address it prints as --ray-address "
-                               "HOST:PORT; or omit --ray-address to start a local one for this build") from None
+                               "HOST:PORT; or omit --ray-address to start a local one for this run") from None
     return True
 
 
@@ -147,8 +202,8 @@ def _check_reachable(address: str) -> None:
                                "`ray status` shows there; omit --ray-address to start a local cluster") from None
 
 
-def _started_num_partitions(out: str) -> int | None:
-    """The number of partitions of the store being built in the local folder ``out`` (None if none yet): a
+def started_num_partitions(out: str) -> int | None:
+    """The number of partitions of the store being written in the local folder ``out`` (None if none yet): a
     rerun resumes it on a cluster of any size."""
     if is_url(out):
         return None
@@ -163,13 +218,13 @@ def _nodes(ray: Any) -> list[dict[str, float]]:
     return [node["Resources"] for node in ray.nodes() if node.get("Alive")]
 
 
-def _worker_slots(ray: Any, config: BuildConfig) -> int:
+def _worker_slots(ray: Any, config: PartitionedConfig) -> int:
     """How many partition tasks the cluster runs at once: its CPUs, or its GPUs over --num-gpus-per-worker."""
     gpus = config.num_gpus_per_worker
     return max(1, sum(int(node.get("GPU", 0) // gpus) if gpus else int(node.get("CPU", 0)) for node in _nodes(ray)))
 
 
-def _check_gpus(ray: Any, config: BuildConfig) -> None:
+def _check_gpus(ray: Any, config: PartitionedConfig) -> None:
     """A task needing G GPUs waits forever on a cluster whose every node has fewer: refuse it now."""
     if not config.num_gpus_per_worker:
         return
@@ -196,9 +251,10 @@ class _Tracker:
         return self.partitions
 
 
-def _partition_task(config: BuildConfig, storage_options: dict[str, Any] | None, cwd: str, tracker: Any) -> BuildResult:
-    """One partition, in a Ray worker: the local build, from the driver's working directory (relative paths
-    mean there what they meant on the driver, and the manifest records them as a local build does)."""
+def _partition_task(teacher_pass: TeacherPass, config: Any, storage_options: dict[str, Any] | None, cwd: str,
+                    tracker: Any) -> Any:
+    """One partition, in a Ray worker: the local pass, from the driver's working directory (relative paths
+    mean there what they meant on the driver, and the manifest records them as a local run does)."""
     import ray
 
     pid, node = os.getpid(), ray.get_runtime_context().get_node_id()
@@ -209,33 +265,34 @@ def _partition_task(config: BuildConfig, storage_options: dict[str, Any] | None,
 
     if not os.path.isdir(cwd):
         raise EngineError(f"the driver's working directory {cwd} does not exist on Ray node {node}",
-                          hint="give --out, the corpus and the teacher as absolute paths every node sees, or a URL")
+                          hint="give the output, the inputs and the models as absolute paths every node sees, or a URL")
     before = os.getcwd()
     os.chdir(cwd)
     try:
-        result = build(config, storage_options, on_progress=report)
+        result = teacher_pass.run(config, storage_options, report)
     finally:
         os.chdir(before)  # Ray reuses worker processes
     ray.get(sent)  # an actor runs one caller's calls in order: every report has landed before the result
     return result
 
 
-def _run_tasks(ray: Any, config: BuildConfig, num_partitions: int, storage_options: dict[str, Any] | None,
-               on_progress: ProgressListener | None) -> tuple[dict[int, BuildResult], dict[int, PartitionProgress]]:
+def _run_tasks(ray: Any, teacher_pass: TeacherPass, config: Any, num_partitions: int,
+               storage_options: dict[str, Any] | None,
+               on_progress: ProgressListener | None) -> tuple[dict[int, Any], dict[int, PartitionProgress]]:
     gpus = config.num_gpus_per_worker
     device = "cpu" if not gpus and config.device == "auto" else config.device
     task = ray.remote(_partition_task).options(num_cpus=1, num_gpus=gpus, max_retries=MAX_RETRIES)
     tracker = ray.remote(num_cpus=0)(_Tracker).remote()
-    refs = {task.remote(replace(config, engine="local", partition=p, num_partitions=num_partitions, progress=False,
-                                device=device), storage_options, os.getcwd(), tracker): p
+    refs = {task.remote(teacher_pass, replace(config, engine="local", partition=p, num_partitions=num_partitions,
+                                              progress=False, device=device), storage_options, os.getcwd(), tracker): p
             for p in range(num_partitions)}
     pending, results = list(refs), {}
-    bars = _Bars(num_partitions, config.progress)
+    bars = _Bars(num_partitions, config.progress, teacher_pass.unit)
     try:
         while pending:
             ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_SECONDS)
             for ref in ready:
-                results[refs[ref]] = _result(ray, ref, refs[ref])
+                results[refs[ref]] = _result(ray, teacher_pass, ref, refs[ref])
             progress = ray.get(tracker.snapshot.remote())
             for partition in results:
                 progress.setdefault(partition, PartitionProgress(partition)).done = True
@@ -251,47 +308,31 @@ def _run_tasks(ray: Any, config: BuildConfig, num_partitions: int, storage_optio
     return results, progress
 
 
-def _result(ray: Any, ref: Any, partition: int) -> BuildResult:
-    """The task's BuildResult; its KdstoreError as itself; a worker that died too often as an EngineError."""
+def _result(ray: Any, teacher_pass: TeacherPass, ref: Any, partition: int) -> Any:
+    """The task's result; its KdstoreError as itself; a worker that died too often as an EngineError."""
     try:
         return ray.get(ref)
     except ray.exceptions.RayTaskError as exc:
         if isinstance(exc.cause, KdstoreError):
             raise exc.cause from None
-        raise BuildError(f"partition {partition} failed on the Ray cluster: {type(exc.cause).__name__}: "
-                         f"{_first_line(exc.cause)}") from None
+        raise teacher_pass.error(f"partition {partition} failed on the Ray cluster: {type(exc.cause).__name__}: "
+                                 f"{_first_line(exc.cause)}") from None
     except ray.exceptions.RayError as exc:
         raise EngineError(f"partition {partition}: its Ray worker was lost {MAX_RETRIES + 1} times "
                           f"({type(exc).__name__})",
                           hint="the node's Ray logs (/tmp/ray/session_latest/logs) say why (out of memory?); rerun "
-                               "the same command to resume: committed shards are kept") from None
-
-
-def _merged(config: BuildConfig, results: dict[int, BuildResult], progress: dict[int, PartitionProgress],
-            seconds: float) -> BuildResult:
-    merged = BuildResult(out=config.out, seconds=seconds, corpus=results[0].corpus)  # each partition read it all
-    for result in results.values():
-        merged.num_sequences += result.num_sequences
-        merged.num_tokens += result.num_tokens
-        merged.compute_seconds = max(merged.compute_seconds, result.compute_seconds)
-        if result.finished:
-            merged.finished, merged.total_bytes, merged.store_tokens = True, result.total_bytes, result.store_tokens
-    nodes = {state.node for state in progress.values() if state.node}
-    merged.notes.append(f"ran {len(results)} partitions as Ray tasks on {len(nodes)} node(s)")
-    merged.notes += [f"partition {p} was rerun {len(state.pids) - 1} time(s) after its worker died; it resumed from "
-                     "its committed shards" for p, state in sorted(progress.items()) if len(state.pids) > 1]
-    return merged
+                               f"the same `kdstore {teacher_pass.name}` to resume: what was committed is kept") from None
 
 
 class _Bars:
     """tqdm bars on the driver: the total, and one per partition when there are at most MAX_BARS."""
 
-    def __init__(self, num_partitions: int, enabled: bool) -> None:
+    def __init__(self, num_partitions: int, enabled: bool, unit: str) -> None:
         from tqdm import tqdm
 
-        self.total = tqdm(desc="total", unit="unit", disable=not enabled, position=0)
+        self.total = tqdm(desc="total", unit=unit, disable=not enabled, position=0)
         count = num_partitions if num_partitions <= MAX_BARS else 0
-        self.parts = [tqdm(desc=f"partition {p}", unit="unit", disable=not enabled, position=p + 1, leave=False)
+        self.parts = [tqdm(desc=f"partition {p}", unit=unit, disable=not enabled, position=p + 1, leave=False)
                       for p in range(count)]
 
     def show(self, progress: dict[int, PartitionProgress]) -> None:
@@ -313,4 +354,5 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-__all__ = ["MAX_RETRIES", "PartitionProgress", "import_ray", "run_partitions"]
+__all__ = ["MAX_RETRIES", "PartitionProgress", "TeacherPass", "check_out", "import_ray", "run_partitions",
+           "started_num_partitions"]

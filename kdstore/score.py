@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -43,6 +43,7 @@ from kdstore.format import (
 from kdstore.store import Store, StoredRows, open_store
 
 if TYPE_CHECKING:
+    from kdstore.build import ProgressCallback
     from kdstore.teacher import Teacher
 
 SCORES_KEY = b"kdstore_scores"  # Parquet key-value metadata of a score file: what it scores, with what
@@ -62,6 +63,10 @@ class ScoreConfig:
     partition: Annotated[int, Field(ge=0)] = 0
     trust_remote_code: bool = False
     progress: bool = True
+    # where the partitions run (kdstore/engine.py), as for kdstore build
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str = ""  # "": RAY_ADDRESS, else a new local cluster; "auto": the one `ray start` made here
+    num_gpus_per_worker: Annotated[float, Field(ge=0)] = 0.0  # Ray: GPUs per partition task; 0 runs it on CPU
 
     def __post_init__(self) -> None:
         check_config(type(self), vars(self), ScoreError, what="invalid score settings")
@@ -80,6 +85,7 @@ class ScoreResult:
     forward_seconds: float = 0.0  # the reference's forward passes alone
     finished: bool = False  # the manifest lists every score file
     score_bytes: int = 0  # of every score file, once finished
+    notes: list[str] = field(default_factory=list)  # how the engine ran it (kdstore/engine.py), shown last
 
     def summary_lines(self) -> list[str]:
         rate = self.num_tokens / self.seconds if self.seconds else 0.0
@@ -90,7 +96,7 @@ class ScoreResult:
                          f"`kdstore select {self.store} --by difference --keep 0.5 --out NEW`")
         else:
             lines.append("partition done; the manifest lists the score files once every partition has scored")
-        return lines
+        return lines + self.notes
 
 
 # -- the reference model -----------------------------------------------------
@@ -262,10 +268,16 @@ def check_context(store: Store, model: Teacher, reference: str) -> None:
 
 
 def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None = None,
-                model: Teacher | None = None) -> ScoreResult:
+                model: Teacher | None = None, on_progress: ProgressCallback | None = None) -> ScoreResult:
     """Score (or resume scoring) partition ``config.partition`` of the store; ``precomputed`` and ``model``: the
     reference log-probs by sequence id and the loaded reference that ``kdstore build --reference`` already has
-    (the rest is computed here)."""
+    (the rest is computed here); ``on_progress`` gets (shards done, shards of the partition, tokens scored).
+
+    ``config.engine == "ray"`` runs every partition as a task on a Ray cluster instead (kdstore.engine)."""
+    if config.engine != "local":
+        from kdstore.engine import run_partitions
+
+        return run_partitions(config)
     started = time.perf_counter()
     store = open_scorable(config.store)
     check_reference_tokenizer(store, config.reference)
@@ -287,7 +299,9 @@ def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None =
 
     with _lock(root / LOCK_DIR / f"score-{config.partition:05d}.lock", blocking=False):
         mine = [i for i in range(len(store.manifest.shards)) if i % config.num_partitions == config.partition]
-        for index in _progress(mine, config):
+        report = on_progress or (lambda done, total, tokens: None)
+        for num_done, index in enumerate(_progress(mine, config)):
+            report(num_done, len(mine), result.num_tokens)
             shard = store.manifest.shards[index]
             path = root / score_file_name(shard.path)
             for stale in path.parent.glob(path.name + ".*.tmp"):  # a killed pass's half-written file
@@ -311,6 +325,7 @@ def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None =
             result.num_files += 1
             result.num_sequences += len(rows["sequence_id"])
             result.num_tokens += sum(len(t) for t in rows["input_ids"])
+        report(len(mine), len(mine), result.num_tokens)
     finished = finalize_scores(root, info)
     result.seconds = time.perf_counter() - started
     if finished is not None:

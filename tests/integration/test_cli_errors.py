@@ -1465,6 +1465,42 @@ def _(w: World) -> Call:
                  "16", "--device", "cpu"], expect=("another tokenizer", "reference files_sha256"), new=w.tmp / "out")
 
 
+# -- generate and score --engine ray (kdstore/engine.py; build's cases are above) -------------
+@case("generate-engine-ray-without-ray-installed")
+def _(w: World) -> Call:
+    return generate_call(w, "--engine", "ray", expect=("Ray", "kdstore[ray]"), without="ray")
+
+
+@case("generate-ray-partition-given")
+def _(w: World) -> Call:
+    return generate_call(w, "--engine", "ray", "--num-partitions", "2", "--partition", "1", expect=("--partition 1",))
+
+
+@case("generate-num-gpus-per-worker-negative")
+def _(w: World) -> Call:
+    return generate_call(w, "--engine", "ray", "--num-gpus-per-worker", "-1", expect=("num_gpus_per_worker = -1.0",))
+
+
+@case("score-engine-ray-without-ray-installed")
+def _(w: World) -> Call:
+    return Call(["score", str(w.built_copy()), "--reference", str(BUNDLED_TEACHER), "--engine", "ray"],
+                expect=("Ray", "kdstore[ray]"), without="ray")
+
+
+@case("score-ray-device-cuda-without-gpus-per-worker")
+def _(w: World) -> Call:
+    return Call(["score", str(w.built_copy()), "--reference", str(BUNDLED_TEACHER), "--engine", "ray", "--device",
+                 "cuda"], expect=("--device cuda", "--num-gpus-per-worker"))
+
+
+@case("score-ray-address-unreachable")
+def _(w: World) -> Call:
+    address = f"127.0.0.1:{_closed_port()}"
+    pytest.importorskip("ray")
+    return Call(["score", str(w.built_copy()), "--reference", str(BUNDLED_TEACHER), "--engine", "ray", "--ray-address",
+                 address], expect=(address, "ray start --head"))
+
+
 @case("select-keep-zero")
 def _(w: World) -> Call:
     return Call(["select", w.built, "--by", "teacher-nll", "--keep", "0", "--out", str(w.tmp / "view")],

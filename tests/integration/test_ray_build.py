@@ -1,4 +1,5 @@
-"""kdstore build --engine ray: on a real two-node Ray cluster on this machine, a build equals a local one.
+"""--engine ray: on a real two-node Ray cluster on this machine, a build equals a local one, and so do
+kdstore generate and kdstore score (the same engine, kdstore/engine.py, runs every teacher pass).
 
 The module's cluster is started once by ``ray start --head`` plus a second ``ray start --address`` (a worker
 node), one CPU each, in their own temp dir and process groups, and stopped by terminating those two
@@ -31,6 +32,8 @@ from kdstore.build import BuildConfig, build
 from kdstore.cli.main import cli
 from kdstore.engine import run_partitions
 from kdstore.errors import TeacherError
+from kdstore.generate import GenerateConfig, generate
+from kdstore.score import ScoreConfig, score_store
 from kdstore.store import open_store
 from kdstore.verify import verify_store
 
@@ -175,9 +178,9 @@ def test_a_ray_build_writes_the_store_a_local_build_writes(cluster, setup, tmp_p
     assert "ran 2 partitions as Ray tasks on 2 node(s)" in result.summary_lines()
 
 
-def test_a_worker_killed_mid_partition_is_rerun_and_the_store_is_still_identical(cluster, setup, tmp_path):
-    config, folder = setup
-    out = tmp_path / "ray"
+def run_killing_partition_0(config, out: Path):
+    """Run ``config`` on Ray into ``out``, killing the Ray worker of partition 0 (SIGKILL) once, when that partition
+    has committed a shard and has work left; the result, once partition 0 was seen to be rerun."""
     killed: list[int] = []
 
     def kill_once_a_shard_is_committed(progress: dict) -> None:
@@ -187,10 +190,16 @@ def test_a_worker_killed_mid_partition_is_rerun_and_the_store_is_still_identical
             os.kill(state.pids[-1], signal.SIGKILL)  # the Ray worker process running partition 0
             killed.append(state.pids[-1])
 
-    result = run_partitions(replace(config, out=str(out), engine="ray", ray_address=cluster),
-                            on_progress=kill_once_a_shard_is_committed)
+    result = run_partitions(replace(config, out=str(out), engine="ray"), on_progress=kill_once_a_shard_is_committed)
     assert killed, "partition 0 finished before a shard was committed and polled: nothing was killed"
     assert any("partition 0 was rerun 1 time(s)" in line for line in result.summary_lines()), result.summary_lines()
+    return result
+
+
+def test_a_worker_killed_mid_partition_is_rerun_and_the_store_is_still_identical(cluster, setup, tmp_path):
+    config, folder = setup
+    out = tmp_path / "ray"
+    run_killing_partition_0(replace(config, ray_address=cluster), out)
     assert _shards(out) == _shards(folder / "local")
     assert verify_store(open_store(out)) == []
 
@@ -228,3 +237,65 @@ def test_a_ray_build_resumes_a_store_started_with_another_number_of_partitions(c
     result = run_partitions(replace(config, out=str(out), engine="ray", ray_address=cluster, num_partitions=1))
     assert result.finished and "ran 3 partitions as Ray tasks on 2 node(s)" in result.summary_lines()
     assert _rows_sha256(out) == _rows_sha256(folder / "single")
+
+
+# -- kdstore generate and kdstore score: the same engine ------------------------------------------
+GENERATIONS = ("generations",)
+
+
+@pytest.fixture(scope="module")
+def generate_setup(tmp_path_factory, tiny_teacher):
+    """A GenerateConfig of many small units and shards (a partition takes a few seconds), and its two partitions
+    generated in this process with one torch thread (folder/local), as in ``setup``."""
+    from test_generate import prompt_file
+
+    folder = tmp_path_factory.mktemp("ray-generate")
+    prompts = prompt_file(folder / "prompts.jsonl", num_prompts=160)
+    config = GenerateConfig(prompts=str(prompts), teacher=str(tiny_teacher), n=2, k=8, max_new_tokens=24,
+                            batch_size=4, unit_prompts=2, shard_bytes=6_000, row_group_bytes=3_000, progress=False,
+                            device="cpu", num_partitions=2)
+    with one_torch_thread():
+        for partition in range(2):
+            generate(replace(config, out=str(folder / "local"), partition=partition))
+    return config, folder
+
+
+def test_a_ray_generate_writes_the_store_a_local_generate_writes(cluster, generate_setup, tmp_path):
+    config, folder = generate_setup
+    seen: list[dict] = []
+    result = run_partitions(replace(config, out=str(tmp_path / "ray"), engine="ray", ray_address=cluster),
+                            on_progress=lambda progress: seen.append(dict(progress)))
+    assert result.finished
+    assert result.num_completions == open_store(folder / "local", tables=GENERATIONS).manifest.num_sequences
+    assert _shards(tmp_path / "ray") == _shards(folder / "local")  # same shards, same sha256s
+    assert verify_store(open_store(tmp_path / "ray", tables=GENERATIONS)) == []
+    final = seen[-1]
+    assert sorted(final) == [0, 1] and all(state.done and state.num_units_done == state.num_units > 0 for state in
+                                           final.values())  # per partition: prompts done of its prompts
+    assert sum(state.num_units for state in final.values()) == 160
+    assert "ran 2 partitions as Ray tasks on 2 node(s)" in result.summary_lines()
+
+
+def test_a_generate_worker_killed_mid_partition_is_rerun_and_the_store_is_still_identical(cluster, generate_setup,
+                                                                                          tmp_path):
+    config, folder = generate_setup
+    out = tmp_path / "ray"
+    run_killing_partition_0(replace(config, ray_address=cluster), out)
+    assert _shards(out) == _shards(folder / "local")
+    assert verify_store(open_store(out, tables=GENERATIONS)) == []
+
+
+def test_kdstore_score_engine_ray_writes_the_score_files_a_local_score_writes(cluster, setup, tmp_path):
+    config, folder = setup
+    local, on_ray = (Path(shutil.copytree(folder / "local", tmp_path / name)) for name in ("local", "ray"))
+    with one_torch_thread():
+        for partition in range(2):
+            score_store(ScoreConfig(store=str(local), reference=config.teacher, device="cpu", progress=False,
+                                    num_partitions=2, partition=partition))
+    result = CliRunner().invoke(cli, ["score", str(on_ray), "--reference", config.teacher, "--engine", "ray",
+                                      "--ray-address", cluster])  # --num-partitions 1: one per worker slot
+    assert result.exit_code == 0, result.output
+    assert "ran 2 partitions as Ray tasks on 2 node(s)" in result.output and "partition 1" in result.output  # its bar
+    scores = [json.loads((store / "manifest.json").read_text())["scores"] for store in (local, on_ray)]
+    assert scores[0]["files"] and scores[1] == scores[0]  # every score file with the same sha256
+    assert verify_store(open_store(on_ray)) == []
