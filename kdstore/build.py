@@ -225,7 +225,7 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
             raise _write_error(config.out, exc) from None
     result.seconds = time.perf_counter() - started
     result.compute_seconds = time.perf_counter() - compute_started
-    done = writer.finalized
+    done, result.notes = writer.finalized, [*writer.notes, *result.notes]
     if done is not None:
         result.finished, result.total_bytes, result.store_tokens = True, done.total_bytes, done.num_tokens
     if reference is not None:
@@ -368,12 +368,14 @@ def finalize_store(out: str) -> str:
                          "partition finishes", hint="rerun the partitions that have not finished, with the same --out")
     if not Path(out, PARTITION_DIR).is_dir():
         raise BuildError(f"{out} holds no finished partitions", hint="run the partitions first")
-    manifest = finalize(out)
+    notes: list[str] = []
+    manifest = finalize(out, notes)
     if manifest is None:
         done = sorted(p.stem for p in Path(out, PARTITION_DIR).glob("part-*.json"))
         raise BuildError(f"{out}: only {len(done)} partition(s) finished ({', '.join(done)})",
                          hint="run the missing partitions, then --finalize again")
-    return f"store {out}: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, {len(manifest.shards)} shards"
+    return "\n".join([f"store {out}: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, "
+                      f"{len(manifest.shards)} shards", *notes])
 
 
 def _launcher_partition(values: dict[str, Any]) -> dict[str, int]:

@@ -182,3 +182,45 @@ def test_two_partitions_score_like_one_pass(scored_pair, tmp_path, tiny_teacher)
                                          progress=False, num_partitions=2, partition=partition))
         assert result.finished == (partition == 0) and result.num_files > 0
     assert (parts / "manifest.json").read_text() == (want / "manifest.json").read_text()
+
+
+def _rebuild(store: Path, teacher: Path, shard_bytes: int = 1500, **extra) -> object:
+    """``kdstore build`` again over ``store`` with the settings ``scored_pair`` built it with."""
+    corpus = store.parent / "corpus"
+    return build(BuildConfig(corpus=(str(corpus),), teacher=str(teacher), out=str(store), k=4, seq_len=16,
+                             progress=False, device="cpu", shard_bytes=shard_bytes, row_group_bytes=1500, **extra))
+
+
+def test_rerunning_build_or_finalize_on_a_scored_store_keeps_its_score_files(scored_pair, tiny_teacher):
+    from kdstore.build import finalize_store
+
+    scored = scored_pair[1]
+    copy = Path(shutil.copytree(scored, scored.parent / "rerun"))  # beside corpus/: the recorded build agrees
+    try:
+        want = json.loads((scored / "manifest.json").read_text())
+        (copy / want["shards"][-1]["path"]).unlink()  # a resume rewrites the last shard, byte for byte
+        result = _rebuild(copy, tiny_teacher)
+        assert result.finished and result.num_sequences > 0 and result.notes == []
+        got = json.loads((copy / "manifest.json").read_text())
+        assert (got["scores"], got["format_version"]) == (want["scores"], FORMAT_VERSION)
+        assert "store" in finalize_store(str(copy))
+        assert json.loads((copy / "manifest.json").read_text())["scores"] == want["scores"]
+        assert verify_store(open_store(copy)) == []
+    finally:
+        shutil.rmtree(copy)
+
+
+def test_a_rebuild_that_changes_the_shards_drops_the_score_files_with_a_note(scored_pair, tiny_teacher):
+    scored = scored_pair[1]
+    copy = Path(shutil.copytree(scored, scored.parent / "changed"))
+    try:
+        for shard in json.loads((copy / "manifest.json").read_text())["shards"][1:]:
+            (copy / shard["path"]).unlink()
+        result = _rebuild(copy, tiny_teacher, shard_bytes=3000)  # other cuts after the first shard
+        assert result.finished and len(result.notes) == 1 and "score files" in result.notes[0]
+        assert result.notes[0] in result.summary_lines()
+        manifest = json.loads((copy / "manifest.json").read_text())
+        assert "scores" not in manifest and manifest["format_version"] == LOGITS_FORMAT_VERSION
+        assert verify_store(open_store(copy)) == []
+    finally:
+        shutil.rmtree(copy)
