@@ -229,7 +229,7 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
     if done is not None:
         result.finished, result.total_bytes, result.store_tokens = True, done.total_bytes, done.num_tokens
     if reference is not None:
-        result.reference_lines = reference.finish(config.out, result.finished)
+        result.reference_lines = reference.finish(writer)
     return result
 
 
@@ -277,11 +277,13 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
         sequences = tokenize_unit(unit, tokenizer, corpus_config)
         if skip >= len(sequences):
             skip -= len(sequences)
+            if reference is not None:  # committed: the reference runs it only if its score file is missing
+                reference.add(sequences, skip=len(sequences))
             progress.update(1)
             continue
         background.put_unit(sequences, _teacher_batches(teacher, sequences, config), skip)
-        if reference is not None:  # the reference over the same sequences (kdstore.score.ReferencePass)
-            reference.add(sequences[skip:])
+        if reference is not None:  # the reference over the same unit (kdstore.score.ReferencePass)
+            reference.add(sequences, skip)
         result.num_sequences += len(sequences) - skip
         result.num_tokens += sum(len(s.input_ids) for s in sequences[skip:])
         skip = 0

@@ -12,7 +12,8 @@ order; the logits shards are never rewritten. Partition p of n scores the shards
 is p modulo n. Each file is written whole under a temporary name and renamed (kdstore.writer.write_atomic) and
 records in its footer which shard (with sha256) and which reference it scores, so a rerun after kill -9 keeps
 the finished files and redoes the rest; the manifest (format 3, its ``scores`` section listing every file with
-sha256) is rewritten by whichever partition finds every shard with its file. Scores are means of log-probs per
+sha256) is rewritten by whichever partition finds every shard with its file. ``kdstore build --reference``
+(``ReferencePass``) writes the same files, each build partition those of its own shards. Scores are means of log-probs per
 predicted token, in nats: higher is easier (docs/select.md).
 """
 
@@ -22,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -261,17 +262,14 @@ def check_context(store: Store, model: Teacher, reference: str) -> None:
                          hint="use a reference with a longer context (max_position_embeddings)")
 
 
-def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None = None,
-                model: Teacher | None = None) -> ScoreResult:
-    """Score (or resume scoring) partition ``config.partition`` of the store; ``precomputed`` and ``model``: the
-    reference log-probs by sequence id and the loaded reference that ``kdstore build --reference`` already has
-    (the rest is computed here)."""
+def score_store(config: ScoreConfig) -> ScoreResult:
+    """Score (or resume scoring) partition ``config.partition`` of the store."""
     started = time.perf_counter()
     store = open_scorable(config.store)
     check_reference_tokenizer(store, config.reference)
     from kdstore.teacher import load_teacher
 
-    model = model or load_teacher(config.reference, config.dtype, config.device, config.trust_remote_code)
+    model = load_teacher(config.reference, config.dtype, config.device, config.trust_remote_code)
     check_context(store, model, config.reference)
     info = reference_info(model, config.per_token)
     recorded = store.manifest.scores
@@ -281,41 +279,62 @@ def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None =
                          hint="score a copy (kdstore copy STORE NEW) to keep both")
     result = ScoreResult(store=config.store)
     root = Path(store.root)
-    (root / SCORE_DIR).mkdir(exist_ok=True)
-    (root / LOCK_DIR).mkdir(exist_ok=True)
-    from kdstore.writer import _lock, write_atomic
+    from kdstore.writer import _lock
 
-    with _lock(root / LOCK_DIR / f"score-{config.partition:05d}.lock", blocking=False):
+    with _lock(_prepared(root) / f"score-{config.partition:05d}.lock", blocking=False):
         mine = [i for i in range(len(store.manifest.shards)) if i % config.num_partitions == config.partition]
-        for index in _progress(mine, config):
-            shard = store.manifest.shards[index]
-            path = root / score_file_name(shard.path)
-            for stale in path.parent.glob(path.name + ".*.tmp"):  # a killed pass's half-written file
-                stale.unlink()
-            record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": _identity(info)}
-            if path.exists():
-                if _file_record(path) == record:
-                    continue
-                raise ScoreError(f"{path} scores another shard or reference than this pass",
-                                 hint=f"delete {root / SCORE_DIR} to score the store again")
-            rows = shard_rows(store, index)
-            forward = time.perf_counter()
-            known = precomputed or {}
-            todo = [i for i, s in enumerate(rows["sequence_id"]) if s not in known]
-            computed = reference_logprobs(model, [rows["input_ids"][i] for i in todo], config.batch_tokens)
-            result.forward_seconds += time.perf_counter() - forward
-            logprobs = [known.get(s) for s in rows["sequence_id"]]
-            for i, values in zip(todo, computed):
-                logprobs[i] = values
-            write_atomic(path, score_file_bytes(score_table(rows, logprobs, config.per_token), record))
-            result.num_files += 1
-            result.num_sequences += len(rows["sequence_id"])
-            result.num_tokens += sum(len(t) for t in rows["input_ids"])
+        write_score_files(store, _progress(mine, config), model, info, config.batch_tokens, result, lambda ids: {})
     finished = finalize_scores(root, info)
     result.seconds = time.perf_counter() - started
     if finished is not None:
         result.finished, result.score_bytes = True, sum(f["num_bytes"] for f in finished.scores["files"])
     return result
+
+
+def _prepared(root: Path) -> Path:
+    """Make the store's ``scores/`` and ``_locks/`` folders; the locks folder."""
+    (root / SCORE_DIR).mkdir(exist_ok=True)
+    (root / LOCK_DIR).mkdir(exist_ok=True)
+    return root / LOCK_DIR
+
+
+# the reference log-probs already computed for some of the given sequence ids (by id)
+Lookup = Callable[[list[str]], dict[str, np.ndarray]]
+
+
+def write_score_files(store: Store, indices: Iterable[int], model: Teacher, info: dict[str, Any], batch_tokens: int,
+                      result: ScoreResult, lookup: Lookup) -> None:
+    """The score file of each shard ``indices`` names that lacks one: the reference log-probs ``lookup`` has, the
+    rest computed here a shard's sequences at a time. A file already there whole (its footer record names this
+    shard and reference) is kept; a half-written one (a killed pass's) is deleted."""
+    from kdstore.writer import write_atomic
+
+    root = Path(store.root)
+    per_token = bool(info["per_token"])
+    for index in indices:
+        shard = store.manifest.shards[index]
+        path = root / score_file_name(shard.path)
+        for stale in path.parent.glob(path.name + ".*.tmp"):
+            stale.unlink()
+        record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": _identity(info)}
+        if path.exists():
+            if _file_record(path) == record:
+                continue
+            raise ScoreError(f"{path} scores another shard or reference than this pass",
+                             hint=f"delete {root / SCORE_DIR} to score the store again")
+        rows = shard_rows(store, index)
+        known = lookup(rows["sequence_id"])
+        forward = time.perf_counter()
+        todo = [i for i, s in enumerate(rows["sequence_id"]) if s not in known]
+        computed = reference_logprobs(model, [rows["input_ids"][i] for i in todo], batch_tokens)
+        result.forward_seconds += time.perf_counter() - forward
+        logprobs = [known.get(s) for s in rows["sequence_id"]]
+        for i, values in zip(todo, computed):
+            logprobs[i] = values
+        write_atomic(path, score_file_bytes(score_table(rows, logprobs, per_token), record))
+        result.num_files += 1
+        result.num_sequences += len(rows["sequence_id"])
+        result.num_tokens += sum(len(t) for t in rows["input_ids"])
 
 
 def _progress(items: list[int], config: ScoreConfig) -> Any:
@@ -330,6 +349,8 @@ def finalize_scores(root: Path, info: dict[str, Any]) -> Manifest | None:
     from kdstore.format import sha256_file
     from kdstore.writer import _lock, write_atomic
 
+    if not (root / MANIFEST_NAME).exists():  # kdstore build --reference: partitions are still being built
+        return None
     with _lock(root / LOCK_DIR / "finalize.lock", blocking=True):
         manifest = Manifest.from_json((root / MANIFEST_NAME).read_text(), str(root / MANIFEST_NAME))
         files = []
@@ -352,8 +373,13 @@ def finalize_scores(root: Path, info: dict[str, Any]) -> Manifest | None:
 
 # -- kdstore build --reference: the reference in the build's own corpus pass ----------------------
 class ReferencePass:
-    """The reference's next-token log-probs of every sequence a build writes, kept by sequence id until the store
-    is finished; then ``finish`` writes the same score files as ``kdstore score`` without running it again."""
+    """The reference's next-token log-probs of the sequences a build partition writes, a work unit at a time
+    (in the corpus pass); ``finish`` then writes the score files of the partition's own shards (those
+    ``kdstore score`` writes), and the partition that finds every shard scored lists them in the manifest.
+
+    A unit a resumed build skips, wholly or in part (its rows are committed), is kept aside and run only if a
+    shard of it still lacks its score file, and then whole: the reference always sees a unit in the same
+    batches, so a build killed and rerun writes the very files an uninterrupted one does."""
 
     def __init__(self, reference: str, *, dtype: str, device: str, batch_tokens: int, trust_remote_code: bool,
                  seq_len: int, teacher_tokenizer: Any) -> None:
@@ -369,23 +395,47 @@ class ReferencePass:
         if self.model.max_positions and seq_len > self.model.max_positions:
             raise BuildError(f"the reference {reference} reads at most {self.model.max_positions} positions; "
                              f"--seq-len is {seq_len}", hint=f"use --seq-len {self.model.max_positions} or less")
-        self.reference, self.device = reference, device
-        self.batch_tokens, self.trust_remote_code = batch_tokens, trust_remote_code
+        self.reference, self.batch_tokens = reference, batch_tokens
         self.logprobs: dict[str, np.ndarray] = {}
+        self.skipped: list[list[Any]] = []  # units a resume skipped (in part): run only when a shard needs them
+        self.skipped_unit: dict[str, int] = {}  # sequence id -> its index in ``skipped``
 
-    def add(self, sequences: list[Any]) -> None:
-        """Run the reference over sequences the build is writing (objects with ``sequence_id`` and ``input_ids``)."""
+    def add(self, sequences: list[Any], skip: int = 0) -> None:
+        """A work unit the build reads (objects with ``sequence_id`` and ``input_ids``), its first ``skip``
+        sequences committed by an earlier run."""
+        if skip:
+            self.skipped_unit.update({s.sequence_id: len(self.skipped) for s in sequences})
+            self.skipped.append(sequences)
+        else:
+            self._run(sequences)
+
+    def _run(self, sequences: list[Any]) -> None:
         values = reference_logprobs(self.model, [s.input_ids for s in sequences], self.batch_tokens)
         self.logprobs.update({s.sequence_id: v for s, v in zip(sequences, values)})
 
-    def finish(self, out: str, finished: bool) -> list[str]:
-        """Write the score files once the store is finished (the last partition scores every shard)."""
-        if not finished:
-            return [f"the score files of {out} are written by the partition that finishes last "
-                    f"(or run `kdstore score {out} --reference {self.reference}`)"]
-        config = ScoreConfig(store=out, reference=self.reference, dtype=self.model.dtype_name, device=self.device,
-                             batch_tokens=self.batch_tokens, trust_remote_code=self.trust_remote_code, progress=False)
-        return score_store(config, self.logprobs, model=self.model).summary_lines()
+    def lookup(self, ids: list[str]) -> dict[str, np.ndarray]:
+        """The log-probs of ``ids``, running the skipped units they belong to (whole) first."""
+        for unit in sorted({self.skipped_unit[i] for i in ids if i not in self.logprobs and i in self.skipped_unit}):
+            self._run(self.skipped[unit])
+        return {i: self.logprobs[i] for i in ids if i in self.logprobs}
+
+    def finish(self, writer: Any) -> list[str]:
+        """Write the score files of the shards ``writer`` (the partition's kdstore.writer.ShardWriter, closed)
+        committed; list every store's score file in the manifest once each shard has one."""
+        from kdstore.writer import _lock
+
+        root, started = writer.root, time.perf_counter()
+        partition = Store(str(root), replace(writer.manifest, shards=list(writer.shards)), None, str(root))
+        info = reference_info(self.model, per_token=False)
+        result = ScoreResult(store=str(root))
+        with _lock(_prepared(root) / f"reference-{writer.partition:05d}.lock", blocking=False):
+            write_score_files(partition, range(len(writer.shards)), self.model, info, self.batch_tokens, result,
+                              self.lookup)
+        finished = finalize_scores(root, info)
+        result.seconds = time.perf_counter() - started
+        if finished is not None:
+            result.finished, result.score_bytes = True, sum(f["num_bytes"] for f in finished.scores["files"])
+        return result.summary_lines()
 
 
 def _tokenizer_sha256(tokenizer: Any) -> str:

@@ -224,3 +224,86 @@ def test_a_rebuild_that_changes_the_shards_drops_the_score_files_with_a_note(sco
         assert verify_store(open_store(copy)) == []
     finally:
         shutil.rmtree(copy)
+
+
+def _counting_reference(monkeypatch) -> list[int]:
+    """Count the sequences the reference runs over (kdstore.score.reference_logprobs, the one forward)."""
+    import kdstore.score
+
+    counts: list[int] = []
+    real = kdstore.score.reference_logprobs
+
+    def counting(model, sequences, batch_tokens):
+        counts.append(len(sequences))
+        return real(model, sequences, batch_tokens)
+
+    monkeypatch.setattr(kdstore.score, "reference_logprobs", counting)
+    return counts
+
+
+def _partition_config(corpus: Path, teacher: Path, out: Path, partition: int) -> BuildConfig:
+    return BuildConfig(corpus=(str(corpus),), teacher=str(teacher), out=str(out), k=4, seq_len=16, progress=False,
+                       device="cpu", shard_bytes=1500, row_group_bytes=1500, reference=str(teacher),
+                       num_partitions=2, partition=partition)
+
+
+def test_each_build_partition_scores_its_own_shards_and_no_sequence_twice(scored_pair, tmp_path, tiny_teacher,
+                                                                         monkeypatch):
+    store, _ = scored_pair
+    out = tmp_path / "two"
+    counts = _counting_reference(monkeypatch)
+    first = build(_partition_config(store.parent / "corpus", tiny_teacher, out, 0))
+    assert not first.finished and sorted(p.name for p in (out / "scores").iterdir()) == \
+        sorted(p.name for p in (out / "shards").glob("part-00000-*.parquet"))  # partition 0's own, right away
+    assert build(_partition_config(store.parent / "corpus", tiny_teacher, out, 1)).finished
+    manifest = open_store(out).manifest
+    assert sum(counts) == manifest.num_sequences  # each sequence's reference forward ran once
+    assert [f["shard"] for f in manifest.scores["files"]] == [s.path for s in manifest.shards]
+    assert verify_store(open_store(out)) == []
+    plain = Path(shutil.copytree(out, tmp_path / "plain", ignore=shutil.ignore_patterns("scores")))
+    manifest_json = json.loads((plain / "manifest.json").read_text())
+    del manifest_json["scores"]
+    manifest_json["format_version"] = LOGITS_FORMAT_VERSION
+    (plain / "manifest.json").write_text(json.dumps(manifest_json))
+    score_store(ScoreConfig(store=str(plain), reference=str(tiny_teacher), device="cpu", progress=False))
+    a, b = open_store(out).score_table(), open_store(plain).score_table()
+    assert a["sequence_id"].equals(b["sequence_id"]) and a["teacher_score"].equals(b["teacher_score"])
+    np.testing.assert_allclose(a["reference_score"].to_numpy(), b["reference_score"].to_numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("kill_at", ["shards", "scores"])  # mid-teacher pass, or while it writes its score files
+def test_kill_9_of_a_build_partition_with_a_reference_then_rerun_gives_the_uninterrupted_files(
+        scored_pair, tmp_path, tiny_teacher, kill_at):
+    corpus = scored_pair[0].parent / "corpus"
+    want = tmp_path / "want"
+    for partition in (0, 1):
+        build(_partition_config(corpus, tiny_teacher, want, partition))
+    config = tmp_path / "build.toml"
+    config.write_text("shard_bytes = 1500\nrow_group_bytes = 1500\nk = 4\nseq_len = 16\nnum_partitions = 2\n")
+
+    def command(out: Path, partition: int) -> list[str]:
+        return [sys.executable, "-m", "kdstore.cli.main", "build", str(corpus), "--teacher", str(tiny_teacher),
+                "--out", str(out), "--config", str(config), "--reference", str(tiny_teacher), "--device", "cpu",
+                "--partition", str(partition)]
+
+    for attempt in range(4):  # a busy machine may finish the partition between two polls: try a fresh folder
+        crashed = tmp_path / f"crashed-{attempt}"
+        process = subprocess.Popen(command(crashed, 0), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while process.poll() is None and not list((crashed / kill_at).glob("part-00000-*.parquet")):
+            time.sleep(0.002)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if process.returncode == -signal.SIGKILL and not (crashed / "_partitions" / "part-00000.json").exists() \
+                or kill_at == "scores" and len(list((crashed / "scores").glob("*.parquet"))) < \
+                len(list((crashed / "shards").glob("part-00000-*.parquet"))):
+            break
+    else:
+        pytest.fail("every kill came after the partition had finished")
+    for partition in (0, 1):
+        assert subprocess.run(command(crashed, partition), capture_output=True).returncode == 0
+    names = [f["path"] for f in json.loads((want / "manifest.json").read_text())["scores"]["files"]]
+    assert sorted(p.name for p in (crashed / "scores").iterdir()) == sorted(Path(n).name for n in names)
+    for name in names:
+        assert (crashed / name).read_bytes() == (want / name).read_bytes(), name
+    got = json.loads((crashed / "manifest.json").read_text())
+    assert got["scores"] == json.loads((want / "manifest.json").read_text())["scores"]
