@@ -118,7 +118,7 @@ def reference_info(model: Teacher, per_token: bool) -> dict[str, Any]:
     return {**model.info(), "max_positions": model.max_positions, "per_token": per_token}
 
 
-def _identity(info: dict[str, Any]) -> dict[str, Any]:
+def reference_identity(info: dict[str, Any]) -> dict[str, Any]:
     """Two passes agree when the weights, dtype and per-token choice agree (not the path they were loaded from)."""
     return {"content_sha256": info.get("content_sha256"), "dtype": info.get("dtype"), "per_token": info.get("per_token"),
             **({"model": info.get("model")} if info.get("content_sha256") is None else {})}
@@ -273,9 +273,9 @@ def score_store(config: ScoreConfig) -> ScoreResult:
     check_context(store, model, config.reference)
     info = reference_info(model, config.per_token)
     recorded = store.manifest.scores
-    if recorded is not None and _identity(recorded["reference"]) != _identity(info):
+    if recorded is not None and reference_identity(recorded["reference"]) != reference_identity(info):
         raise ScoreError(f"{config.store} is already scored by {recorded['reference']['model']} "
-                         f"({_identity(recorded['reference'])}); this pass is {_identity(info)}",
+                         f"({reference_identity(recorded['reference'])}); this pass is {reference_identity(info)}",
                          hint="score a copy (kdstore copy STORE NEW) to keep both")
     result = ScoreResult(store=config.store)
     root = Path(store.root)
@@ -316,7 +316,7 @@ def write_score_files(store: Store, indices: Iterable[int], model: Teacher, info
         path = root / score_file_name(shard.path)
         for stale in path.parent.glob(path.name + ".*.tmp"):
             stale.unlink()
-        record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": _identity(info)}
+        record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": reference_identity(info)}
         if path.exists():
             if _file_record(path) == record:
                 continue
@@ -356,7 +356,7 @@ def finalize_scores(root: Path, info: dict[str, Any]) -> Manifest | None:
         files = []
         for shard in manifest.shards:
             path = root / score_file_name(shard.path)
-            record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": _identity(info)}
+            record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": reference_identity(info)}
             if not path.exists() or _file_record(path) != record:
                 return None
             files.append({"path": score_file_name(shard.path), "shard": shard.path, "shard_sha256": shard.sha256,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from conftest import write_word_corpus
@@ -307,3 +308,62 @@ def test_kill_9_of_a_build_partition_with_a_reference_then_rerun_gives_the_unint
         assert (crashed / name).read_bytes() == (want / name).read_bytes(), name
     got = json.loads((crashed / "manifest.json").read_text())
     assert got["scores"] == json.loads((want / "manifest.json").read_text())["scores"]
+
+
+@pytest.fixture(scope="module")
+def other_scored(scored_pair, tiny_teacher) -> Path:
+    """A store of other documents (other file names: other sequence ids) built and scored like ``scored_pair``."""
+    root = scored_pair[0].parent / "other"
+    corpus = write_word_corpus(root / "corpus", num_files=2, docs_per_file=8, seed=7)
+    for path in corpus.iterdir():
+        path.rename(path.with_name("other-" + path.name))
+    out = root / "store"
+    build(BuildConfig(corpus=(str(corpus),), teacher=str(tiny_teacher), out=str(out), k=4, seq_len=16,
+                      progress=False, device="cpu", shard_bytes=1500, row_group_bytes=1500))
+    score_store(ScoreConfig(store=str(out), reference=str(tiny_teacher), per_token=True, device="cpu", progress=False))
+    return out
+
+
+def test_merge_of_stores_scored_by_one_reference_keeps_their_scores(scored_pair, other_scored, tmp_path):
+    from kdstore.transfer import merge_stores
+
+    scored = scored_pair[1]
+    result = merge_stores([scored, other_scored, scored], tmp_path / "merged")  # the repeat adds nothing
+    merged = open_store(tmp_path / "merged")
+    assert result.notes == [] and verify_store(merged) == [] and merged.manifest.format_version == FORMAT_VERSION
+    assert [f["shard"] for f in merged.manifest.scores["files"]] == [s.path for s in merged.manifest.shards]
+    columns = ["teacher_score", "reference_score", "num_positions", "reference_logprobs"]
+    want = [open_store(p).score_table(columns) for p in (scored, other_scored)]
+    assert merged.score_table(columns).equals(pa.concat_tables(want))
+    assert merged.manifest.scores["reference"] == open_store(scored).manifest.scores["reference"]
+
+
+def test_merge_of_a_scored_and_an_unscored_store_drops_the_scores_saying_why(scored_pair, other_scored, tmp_path):
+    from kdstore.transfer import merge_stores
+
+    store, scored = scored_pair
+    result = merge_stores([other_scored, store], tmp_path / "merged")
+    assert len(result.notes) == 1 and str(store) in result.notes[0] and "kdstore score" in result.notes[0]
+    merged = open_store(tmp_path / "merged")
+    assert merged.manifest.scores is None and merged.manifest.format_version == LOGITS_FORMAT_VERSION
+    assert verify_store(merged) == [] and merged.manifest.num_sequences == sum(
+        open_store(p).manifest.num_sequences for p in (store, other_scored))
+    from click.testing import CliRunner
+
+    from kdstore.cli.main import cli
+
+    run = CliRunner().invoke(cli, ["merge", str(other_scored), str(store), "--out", str(tmp_path / "by-cli")])
+    assert run.exit_code == 0 and run.output.splitlines()[-1] == result.notes[0].replace(
+        str(tmp_path / "merged"), str(tmp_path / "by-cli"))
+
+
+def test_merge_of_stores_scored_differently_drops_the_scores_saying_why(scored_pair, other_scored, tmp_path,
+                                                                         tiny_teacher):
+    from kdstore.transfer import merge_stores
+
+    means_only = Path(shutil.copytree(scored_pair[0], tmp_path / "means-only"))  # scored without --per-token
+    score_store(ScoreConfig(store=str(means_only), reference=str(tiny_teacher), device="cpu", progress=False))
+    result = merge_stores([other_scored, means_only], tmp_path / "merged")
+    assert len(result.notes) == 1 and "different references" in result.notes[0]
+    merged = open_store(tmp_path / "merged")
+    assert merged.manifest.scores is None and not (tmp_path / "merged" / "scores").exists()
