@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_word_corpus
@@ -367,3 +368,23 @@ def test_merge_of_stores_scored_differently_drops_the_scores_saying_why(scored_p
     assert len(result.notes) == 1 and "different references" in result.notes[0]
     merged = open_store(tmp_path / "merged")
     assert merged.manifest.scores is None and not (tmp_path / "merged" / "scores").exists()
+
+
+def test_hf_export_of_a_scored_store_carries_its_reference_score(scored_pair, tmp_path):
+    from kdstore.export import export_store
+
+    scored = open_store(scored_pair[1])
+    export_store(scored, tmp_path / "out", "hf")
+    exported = pa.concat_tables(pq.read_table(p) for p in sorted((tmp_path / "out" / "data").glob("*.parquet")))
+    want = scored.score_table(["teacher_score", "reference_score"])
+    assert exported["sequence_id"].equals(want["sequence_id"])
+    for name in ("teacher_score", "reference_score"):
+        assert exported[name].combine_chunks().equals(want[name].combine_chunks()), name
+    assert "reference_score" not in export_columns(scored_pair[0], tmp_path / "plain")  # unscored: none
+
+
+def export_columns(store: Path, out: Path) -> list[str]:
+    from kdstore.export import export_store
+
+    export_store(store, out, "hf")
+    return pq.read_schema(next((out / "data").glob("*.parquet"))).names
