@@ -240,7 +240,7 @@ def _reference_pass(config: BuildConfig, tokenizer: Any, remote: bool) -> Any:
     if remote:
         raise BuildError(f"--reference writes score files beside the shards; {config.out} is a URL",
                          hint="build into a local folder, or run `kdstore score` on a local copy")
-    from kdstore.score import ReferencePass
+    from kdstore.reference_pass import ReferencePass
 
     return ReferencePass(config.reference, dtype=config.dtype, device=config.device, batch_tokens=config.batch_tokens,
                          trust_remote_code=config.trust_remote_code, seq_len=config.seq_len, teacher_tokenizer=tokenizer)
@@ -282,7 +282,7 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
             progress.update(1)
             continue
         background.put_unit(sequences, _teacher_batches(teacher, sequences, config), skip)
-        if reference is not None:  # the reference over the same unit (kdstore.score.ReferencePass)
+        if reference is not None:  # the reference over the same unit (kdstore.reference_pass)
             reference.add(sequences, skip)
         result.num_sequences += len(sequences) - skip
         result.num_tokens += sum(len(s.input_ids) for s in sequences[skip:])

@@ -13,8 +13,8 @@ is p modulo n. Each file is written whole under a temporary name and renamed (kd
 records in its footer which shard (with sha256) and which reference it scores, so a rerun after kill -9 keeps
 the finished files and redoes the rest; the manifest (format 3, its ``scores`` section listing every file with
 sha256) is rewritten by whichever partition finds every shard with its file. ``kdstore build --reference``
-(``ReferencePass``) writes the same files, each build partition those of its own shards. Scores are means of log-probs per
-predicted token, in nats: higher is easier (docs/select.md).
+(kdstore.reference_pass) writes the same files, each build partition those of its own shards. Scores are means
+of log-probs per predicted token, in nats: higher is easier (docs/select.md).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def check_reference_tokenizer(store: Store, reference: str) -> None:
     from kdstore.vocab import IDENTICAL, compare_vocab
 
     tokenizer = load_tokenizer(reference)
-    theirs = _tokenizer_sha256(tokenizer)
+    theirs = tokenizer_sha256(tokenizer)
     ours = store.manifest.tokenizer.get("files_sha256")
     if theirs == ours:
         return
@@ -281,7 +281,7 @@ def score_store(config: ScoreConfig) -> ScoreResult:
     root = Path(store.root)
     from kdstore.writer import _lock
 
-    with _lock(_prepared(root) / f"score-{config.partition:05d}.lock", blocking=False):
+    with _lock(prepare_score_folders(root) / f"score-{config.partition:05d}.lock", blocking=False):
         mine = [i for i in range(len(store.manifest.shards)) if i % config.num_partitions == config.partition]
         write_score_files(store, _progress(mine, config), model, info, config.batch_tokens, result, lambda ids: {})
     finished = finalize_scores(root, info)
@@ -291,7 +291,7 @@ def score_store(config: ScoreConfig) -> ScoreResult:
     return result
 
 
-def _prepared(root: Path) -> Path:
+def prepare_score_folders(root: Path) -> Path:
     """Make the store's ``scores/`` and ``_locks/`` folders; the locks folder."""
     (root / SCORE_DIR).mkdir(exist_ok=True)
     (root / LOCK_DIR).mkdir(exist_ok=True)
@@ -371,74 +371,7 @@ def finalize_scores(root: Path, info: dict[str, Any]) -> Manifest | None:
         return manifest
 
 
-# -- kdstore build --reference: the reference in the build's own corpus pass ----------------------
-class ReferencePass:
-    """The reference's next-token log-probs of the sequences a build partition writes, a work unit at a time
-    (in the corpus pass); ``finish`` then writes the score files of the partition's own shards (those
-    ``kdstore score`` writes), and the partition that finds every shard scored lists them in the manifest.
-
-    A unit a resumed build skips, wholly or in part (its rows are committed), is kept aside and run only if a
-    shard of it still lacks its score file, and then whole: the reference always sees a unit in the same
-    batches, so a build killed and rerun writes the very files an uninterrupted one does."""
-
-    def __init__(self, reference: str, *, dtype: str, device: str, batch_tokens: int, trust_remote_code: bool,
-                 seq_len: int, teacher_tokenizer: Any) -> None:
-        from kdstore.errors import BuildError
-        from kdstore.teacher import load_teacher, load_tokenizer
-
-        tokenizer = load_tokenizer(reference, trust_remote_code)
-        theirs, ours = _tokenizer_sha256(tokenizer), _tokenizer_sha256(teacher_tokenizer)
-        if theirs != ours and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-            raise BuildError(f"the reference {reference} has another tokenizer than the teacher (reference files_sha256 "
-                             f"{theirs}, teacher {ours})", hint="use a reference trained with the teacher's tokenizer")
-        self.model = load_teacher(reference, dtype, device, trust_remote_code)
-        if self.model.max_positions and seq_len > self.model.max_positions:
-            raise BuildError(f"the reference {reference} reads at most {self.model.max_positions} positions; "
-                             f"--seq-len is {seq_len}", hint=f"use --seq-len {self.model.max_positions} or less")
-        self.reference, self.batch_tokens = reference, batch_tokens
-        self.logprobs: dict[str, np.ndarray] = {}
-        self.skipped: list[list[Any]] = []  # units a resume skipped (in part): run only when a shard needs them
-        self.skipped_unit: dict[str, int] = {}  # sequence id -> its index in ``skipped``
-
-    def add(self, sequences: list[Any], skip: int = 0) -> None:
-        """A work unit the build reads (objects with ``sequence_id`` and ``input_ids``), its first ``skip``
-        sequences committed by an earlier run."""
-        if skip:
-            self.skipped_unit.update({s.sequence_id: len(self.skipped) for s in sequences})
-            self.skipped.append(sequences)
-        else:
-            self._run(sequences)
-
-    def _run(self, sequences: list[Any]) -> None:
-        values = reference_logprobs(self.model, [s.input_ids for s in sequences], self.batch_tokens)
-        self.logprobs.update({s.sequence_id: v for s, v in zip(sequences, values)})
-
-    def lookup(self, ids: list[str]) -> dict[str, np.ndarray]:
-        """The log-probs of ``ids``, running the skipped units they belong to (whole) first."""
-        for unit in sorted({self.skipped_unit[i] for i in ids if i not in self.logprobs and i in self.skipped_unit}):
-            self._run(self.skipped[unit])
-        return {i: self.logprobs[i] for i in ids if i in self.logprobs}
-
-    def finish(self, writer: Any) -> list[str]:
-        """Write the score files of the shards ``writer`` (the partition's kdstore.writer.ShardWriter, closed)
-        committed; list every store's score file in the manifest once each shard has one."""
-        from kdstore.writer import _lock
-
-        root, started = writer.root, time.perf_counter()
-        partition = Store(str(root), replace(writer.manifest, shards=list(writer.shards)), None, str(root))
-        info = reference_info(self.model, per_token=False)
-        result = ScoreResult(store=str(root))
-        with _lock(_prepared(root) / f"reference-{writer.partition:05d}.lock", blocking=False):
-            write_score_files(partition, range(len(writer.shards)), self.model, info, self.batch_tokens, result,
-                              self.lookup)
-        finished = finalize_scores(root, info)
-        result.seconds = time.perf_counter() - started
-        if finished is not None:
-            result.finished, result.score_bytes = True, sum(f["num_bytes"] for f in finished.scores["files"])
-        return result.summary_lines()
-
-
-def _tokenizer_sha256(tokenizer: Any) -> str:
+def tokenizer_sha256(tokenizer: Any) -> str:
     import tempfile
 
     from kdstore.build import tokenizer_info

@@ -229,7 +229,9 @@ def test_a_rebuild_that_changes_the_shards_drops_the_score_files_with_a_note(sco
 
 
 def _counting_reference(monkeypatch) -> list[int]:
-    """Count the sequences the reference runs over (kdstore.score.reference_logprobs, the one forward)."""
+    """Count the sequences the reference runs over (kdstore.score.reference_logprobs, the one forward, as the
+    build's reference pass and the score files' writer call it)."""
+    import kdstore.reference_pass
     import kdstore.score
 
     counts: list[int] = []
@@ -239,7 +241,8 @@ def _counting_reference(monkeypatch) -> list[int]:
         counts.append(len(sequences))
         return real(model, sequences, batch_tokens)
 
-    monkeypatch.setattr(kdstore.score, "reference_logprobs", counting)
+    for module in (kdstore.score, kdstore.reference_pass):
+        monkeypatch.setattr(module, "reference_logprobs", counting)
     return counts
 
 
