@@ -384,6 +384,8 @@ def merge(stores: tuple[str, ...], out: str, storage_options: tuple[str, ...]) -
     result = merge_stores(list(stores), out, _options(storage_options))
     kept = ", ".join(f"{part['location']}: {part['num_sequences']:,}" for part in result.per_store)
     click.echo(f"merged {result.num_sequences:,} sequences into {out} ({kept}; {result.num_duplicates:,} repeated ids dropped)")
+    for note in result.notes:
+        click.echo(note)
 
 
 @cli.command()

@@ -225,11 +225,11 @@ def build(config: BuildConfig, storage_options: dict[str, Any] | None = None,
             raise _write_error(config.out, exc) from None
     result.seconds = time.perf_counter() - started
     result.compute_seconds = time.perf_counter() - compute_started
-    done = writer.finalized
+    done, result.notes = writer.finalized, [*writer.notes, *result.notes]
     if done is not None:
         result.finished, result.total_bytes, result.store_tokens = True, done.total_bytes, done.num_tokens
     if reference is not None:
-        result.reference_lines = reference.finish(config.out, result.finished)
+        result.reference_lines = reference.finish(writer)
     return result
 
 
@@ -240,7 +240,7 @@ def _reference_pass(config: BuildConfig, tokenizer: Any, remote: bool) -> Any:
     if remote:
         raise BuildError(f"--reference writes score files beside the shards; {config.out} is a URL",
                          hint="build into a local folder, or run `kdstore score` on a local copy")
-    from kdstore.score import ReferencePass
+    from kdstore.reference_pass import ReferencePass
 
     return ReferencePass(config.reference, dtype=config.dtype, device=config.device, batch_tokens=config.batch_tokens,
                          trust_remote_code=config.trust_remote_code, seq_len=config.seq_len, teacher_tokenizer=tokenizer)
@@ -277,11 +277,13 @@ def _run_partition(config: BuildConfig, num_units: int, teacher: Teacher, tokeni
         sequences = tokenize_unit(unit, tokenizer, corpus_config)
         if skip >= len(sequences):
             skip -= len(sequences)
+            if reference is not None:  # committed: the reference runs it only if its score file is missing
+                reference.add(sequences, skip=len(sequences))
             progress.update(1)
             continue
         background.put_unit(sequences, _teacher_batches(teacher, sequences, config), skip)
-        if reference is not None:  # the reference over the same sequences (kdstore.score.ReferencePass)
-            reference.add(sequences[skip:])
+        if reference is not None:  # the reference over the same unit (kdstore.reference_pass)
+            reference.add(sequences, skip)
         result.num_sequences += len(sequences) - skip
         result.num_tokens += sum(len(s.input_ids) for s in sequences[skip:])
         skip = 0
@@ -368,12 +370,14 @@ def finalize_store(out: str) -> str:
                          "partition finishes", hint="rerun the partitions that have not finished, with the same --out")
     if not Path(out, PARTITION_DIR).is_dir():
         raise BuildError(f"{out} holds no finished partitions", hint="run the partitions first")
-    manifest = finalize(out)
+    notes: list[str] = []
+    manifest = finalize(out, notes)
     if manifest is None:
         done = sorted(p.stem for p in Path(out, PARTITION_DIR).glob("part-*.json"))
         raise BuildError(f"{out}: only {len(done)} partition(s) finished ({', '.join(done)})",
                          hint="run the missing partitions, then --finalize again")
-    return f"store {out}: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, {len(manifest.shards)} shards"
+    return "\n".join([f"store {out}: {manifest.num_sequences} sequences, {manifest.num_tokens} tokens, "
+                      f"{len(manifest.shards)} shards", *notes])
 
 
 def _launcher_partition(values: dict[str, Any]) -> dict[str, int]:

@@ -12,7 +12,8 @@ Two formats; docs/export.md states each column contract and, for axolotl, the ax
   row of every sequence has no next token and is padding with mask 0. Log-probs are renormalised over the K
   ids at ``temperature`` (axolotl's loss expects them "already temp-scaled and normalized") and each row is
   sorted by descending probability, as vLLM/sglang top-logprobs arrive.
-* ``hf``: every decoded column of the store as it decodes (``Store.iter_sequences``), nested per position.
+* ``hf``: every decoded column of the store as it decodes (``Store.iter_sequences``), nested per position, and
+  a scored store's ``reference_score`` from its score files (``Store.score_table``).
 
 The export streams: one row group of the store is decoded and written at a time, as one row group of the
 output file made from that store shard. Files are written under unique temporary names and renamed only once
@@ -74,8 +75,7 @@ _HF_TYPES: dict[str, pa.DataType] = {
     "target_logprob": pa.list_(pa.float32()),
     "sampled_ids": pa.list_(pa.list_(pa.int32())),
     "sampled_counts": pa.list_(pa.list_(pa.int32())),
-    "teacher_score": pa.float32(),
-    "reference_score": pa.float32(),
+    "teacher_score": pa.float32(),  # the build's; a scored store adds reference_score from its score files
 }
 _HF_SOURCES = {"sampled_ids": "sampled", "sampled_counts": "sampled"}  # exported name -> decoded name to read
 
@@ -196,9 +196,32 @@ def _plan(store: Store, format: str, temperature: float) -> tuple[pa.Schema, lis
         return AXOLOTL_SCHEMA, ["input_ids", "topk_ids", "topk_logprobs"], \
             lambda table: axolotl_rows(StoredRows(codec, table).ragged(), codec.k, temperature)
     present = [name for name in _HF_TYPES if _HF_SOURCES.get(name, name) in _decoded_names(store)]
-    schema = pa.schema([(name, _HF_TYPES[name]) for name in present])
+    stored = pa.schema([(name, _HF_TYPES[name]) for name in present])
+    scores = _score_file_columns(store, present)
+    schema = pa.schema([*stored, *scores.schema.remove(0)]) if scores is not None else stored
+    index = {} if scores is None else {s: row for row, s in enumerate(scores["sequence_id"].to_pylist())}
     return schema, list(dict.fromkeys(_HF_SOURCES.get(n, n) for n in present)), \
-        lambda table: hf_rows(StoredRows(codec, table).ragged(), schema)
+        lambda table: _with_scores(hf_rows(StoredRows(codec, table).ragged(), stored), scores, index)
+
+
+def _score_file_columns(store: Store, present: list[str]) -> pa.Table | None:
+    """``sequence_id`` and the per-sequence scores the store's score files (kdstore score) add to its shards'
+    columns (``reference_score``; ``teacher_score`` when the shards lack it), in store order; None without."""
+    from kdstore.score_table import has_score_files
+
+    if not has_score_files(store):
+        return None
+    return store.score_table([name for name in ("teacher_score", "reference_score") if name not in present])
+
+
+def _with_scores(rows: pa.Table, scores: pa.Table | None, index: dict[str, int]) -> pa.Table:
+    """``rows`` with the score columns of its sequences appended (``index``: sequence id -> row of ``scores``)."""
+    if scores is None:
+        return rows
+    taken = scores.take(pa.array([index[s] for s in rows["sequence_id"].to_pylist()], pa.int64()))
+    for name in taken.column_names[1:]:
+        rows = rows.append_column(taken.schema.field(name), taken[name])
+    return rows
 
 
 def _decoded_names(store: Store) -> list[str]:
@@ -247,7 +270,7 @@ def hf_rows(batch: dict[str, Any], schema: pa.Schema) -> pa.Table:
         value = batch[name]
         if name == "sequence_id":
             columns[name] = pa.array(value, pa.string())
-        elif name in ("teacher_score", "reference_score"):
+        elif name == "teacher_score":
             columns[name] = pa.array(value, pa.float32())
         elif name == "input_ids":
             columns[name] = _lists(batch["token_offsets"], value)

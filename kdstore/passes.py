@@ -38,6 +38,8 @@ def _merge_build(config: BuildConfig, results: dict[int, BuildResult], seconds: 
         merged.num_sequences += result.num_sequences
         merged.num_tokens += result.num_tokens
         merged.compute_seconds = max(merged.compute_seconds, result.compute_seconds)
+        merged.reference_lines += [line for line in result.reference_lines if line not in merged.reference_lines]
+        merged.notes += [note for note in result.notes if note not in merged.notes]
         if result.finished:
             merged.finished, merged.total_bytes, merged.store_tokens = True, result.total_bytes, result.store_tokens
     return merged

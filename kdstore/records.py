@@ -4,6 +4,7 @@
     record = read_record(Path("store/_partitions/part-00000.json"))
     refuse_if_different(found, wanted, source)             # StoreMismatchError naming the field and both values
     manifest = union_manifest([(path, record), ...])       # None while partitions are missing
+    manifest, note = keep_scores(previous, manifest)       # a rewritten manifest keeps the score files it may
 
 The writer (local folders), the mirror (URLs) and merge (kdstore.transfer) share these, so a store is
 recognised, and a mismatch is worded, one way everywhere.
@@ -12,12 +13,22 @@ recognised, and a mismatch is worded, one way everywhere.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from kdstore import __version__
 from kdstore.errors import ManifestError, OutputFolderError, StoreMismatchError
-from kdstore.format import LOCK_DIR, MANIFEST_NAME, PARTITION_DIR, SHARD_DIR, Manifest, ShardInfo, new_created_at
+from kdstore.format import (
+    FORMAT_VERSION,
+    LOCK_DIR,
+    MANIFEST_NAME,
+    PARTITION_DIR,
+    SHARD_DIR,
+    Manifest,
+    ShardInfo,
+    new_created_at,
+)
 
 
 def check_output_folder(root: Path) -> None:
@@ -110,4 +121,19 @@ def union_manifest(records: list[tuple[Path, dict[str, Any]]]) -> Manifest | Non
                     created_at=new_created_at())
 
 
-__all__ = ["check_output_folder", "first_difference", "read_record", "refuse_if_different", "union_manifest"]
+def keep_scores(previous: Manifest | None, manifest: Manifest, where: str = "the store") -> tuple[Manifest, str | None]:
+    """``manifest`` (a union of partition records, which know nothing of score files) with the score files that
+    ``previous`` (the manifest it replaces) lists, when they score exactly its shards (paths and sha256s): a rerun
+    of ``kdstore build`` or ``--finalize`` over a finished scored store must not unlist them. When a shard they
+    score has changed they are dropped, with the note saying so (else None)."""
+    if previous is None or not previous.scores:
+        return manifest, None
+    scored = [(f["shard"], f["shard_sha256"]) for f in previous.scores["files"]]
+    if scored == [(s.path, s.sha256) for s in manifest.shards]:
+        return replace(manifest, scores=previous.scores, format_version=FORMAT_VERSION), None
+    return manifest, (f"the score files of {where} scored shards that have changed since; the manifest no longer "
+                      f"lists them (delete {where}/scores and run `kdstore score` again to rescore)")
+
+
+__all__ = ["check_output_folder", "first_difference", "keep_scores", "read_record", "refuse_if_different",
+           "union_manifest"]

@@ -12,8 +12,9 @@ order; the logits shards are never rewritten. Partition p of n scores the shards
 is p modulo n. Each file is written whole under a temporary name and renamed (kdstore.writer.write_atomic) and
 records in its footer which shard (with sha256) and which reference it scores, so a rerun after kill -9 keeps
 the finished files and redoes the rest; the manifest (format 3, its ``scores`` section listing every file with
-sha256) is rewritten by whichever partition finds every shard with its file. Scores are means of log-probs per
-predicted token, in nats: higher is easier (docs/select.md).
+sha256) is rewritten by whichever partition finds every shard with its file. ``kdstore build --reference``
+(kdstore.reference_pass) writes the same files, each build partition those of its own shards. Scores are means
+of log-probs per predicted token, in nats: higher is easier (docs/select.md).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -106,7 +107,7 @@ def check_reference_tokenizer(store: Store, reference: str) -> None:
     from kdstore.vocab import IDENTICAL, compare_vocab
 
     tokenizer = load_tokenizer(reference)
-    theirs = _tokenizer_sha256(tokenizer)
+    theirs = tokenizer_sha256(tokenizer)
     ours = store.manifest.tokenizer.get("files_sha256")
     if theirs == ours:
         return
@@ -123,7 +124,7 @@ def reference_info(model: Teacher, per_token: bool) -> dict[str, Any]:
     return {**model.info(), "max_positions": model.max_positions, "per_token": per_token}
 
 
-def _identity(info: dict[str, Any]) -> dict[str, Any]:
+def reference_identity(info: dict[str, Any]) -> dict[str, Any]:
     """Two passes agree when the weights, dtype and per-token choice agree (not the path they were loaded from)."""
     return {"content_sha256": info.get("content_sha256"), "dtype": info.get("dtype"), "per_token": info.get("per_token"),
             **({"model": info.get("model")} if info.get("content_sha256") is None else {})}
@@ -267,11 +268,9 @@ def check_context(store: Store, model: Teacher, reference: str) -> None:
                          hint="use a reference with a longer context (max_position_embeddings)")
 
 
-def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None = None,
-                model: Teacher | None = None, on_progress: ProgressCallback | None = None) -> ScoreResult:
-    """Score (or resume scoring) partition ``config.partition`` of the store; ``precomputed`` and ``model``: the
-    reference log-probs by sequence id and the loaded reference that ``kdstore build --reference`` already has
-    (the rest is computed here); ``on_progress`` gets (shards done, shards of the partition, tokens scored).
+def score_store(config: ScoreConfig, on_progress: ProgressCallback | None = None) -> ScoreResult:
+    """Score (or resume scoring) partition ``config.partition`` of the store; ``on_progress`` gets (shards done,
+    shards of the partition, tokens scored).
 
     ``config.engine == "ray"`` runs every partition as a task on a Ray cluster instead (kdstore.engine)."""
     if config.engine != "local":
@@ -283,54 +282,81 @@ def score_store(config: ScoreConfig, precomputed: dict[str, np.ndarray] | None =
     check_reference_tokenizer(store, config.reference)
     from kdstore.teacher import load_teacher
 
-    model = model or load_teacher(config.reference, config.dtype, config.device, config.trust_remote_code)
+    model = load_teacher(config.reference, config.dtype, config.device, config.trust_remote_code)
     check_context(store, model, config.reference)
     info = reference_info(model, config.per_token)
     recorded = store.manifest.scores
-    if recorded is not None and _identity(recorded["reference"]) != _identity(info):
+    if recorded is not None and reference_identity(recorded["reference"]) != reference_identity(info):
         raise ScoreError(f"{config.store} is already scored by {recorded['reference']['model']} "
-                         f"({_identity(recorded['reference'])}); this pass is {_identity(info)}",
+                         f"({reference_identity(recorded['reference'])}); this pass is {reference_identity(info)}",
                          hint="score a copy (kdstore copy STORE NEW) to keep both")
     result = ScoreResult(store=config.store)
     root = Path(store.root)
-    (root / SCORE_DIR).mkdir(exist_ok=True)
-    (root / LOCK_DIR).mkdir(exist_ok=True)
-    from kdstore.writer import _lock, write_atomic
+    from kdstore.writer import _lock
 
-    with _lock(root / LOCK_DIR / f"score-{config.partition:05d}.lock", blocking=False):
+    with _lock(prepare_score_folders(root) / f"score-{config.partition:05d}.lock", blocking=False):
         mine = [i for i in range(len(store.manifest.shards)) if i % config.num_partitions == config.partition]
         report = on_progress or (lambda done, total, tokens: None)
-        for num_done, index in enumerate(_progress(mine, config)):
-            report(num_done, len(mine), result.num_tokens)
-            shard = store.manifest.shards[index]
-            path = root / score_file_name(shard.path)
-            for stale in path.parent.glob(path.name + ".*.tmp"):  # a killed pass's half-written file
-                stale.unlink()
-            record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": _identity(info)}
-            if path.exists():
-                if _file_record(path) == record:
-                    continue
-                raise ScoreError(f"{path} scores another shard or reference than this pass",
-                                 hint=f"delete {root / SCORE_DIR} to score the store again")
-            rows = shard_rows(store, index)
-            forward = time.perf_counter()
-            known = precomputed or {}
-            todo = [i for i, s in enumerate(rows["sequence_id"]) if s not in known]
-            computed = reference_logprobs(model, [rows["input_ids"][i] for i in todo], config.batch_tokens)
-            result.forward_seconds += time.perf_counter() - forward
-            logprobs = [known.get(s) for s in rows["sequence_id"]]
-            for i, values in zip(todo, computed):
-                logprobs[i] = values
-            write_atomic(path, score_file_bytes(score_table(rows, logprobs, config.per_token), record))
-            result.num_files += 1
-            result.num_sequences += len(rows["sequence_id"])
-            result.num_tokens += sum(len(t) for t in rows["input_ids"])
-        report(len(mine), len(mine), result.num_tokens)
+
+        def reported(indices: list[int]) -> Iterable[int]:
+            for num_done, index in enumerate(indices):
+                report(num_done, len(indices), result.num_tokens)
+                yield index
+            report(len(indices), len(indices), result.num_tokens)
+
+        write_score_files(store, reported(list(_progress(mine, config))), model, info, config.batch_tokens, result,
+                          lambda ids: {})
     finished = finalize_scores(root, info)
     result.seconds = time.perf_counter() - started
     if finished is not None:
         result.finished, result.score_bytes = True, sum(f["num_bytes"] for f in finished.scores["files"])
     return result
+
+
+def prepare_score_folders(root: Path) -> Path:
+    """Make the store's ``scores/`` and ``_locks/`` folders; the locks folder."""
+    (root / SCORE_DIR).mkdir(exist_ok=True)
+    (root / LOCK_DIR).mkdir(exist_ok=True)
+    return root / LOCK_DIR
+
+
+# the reference log-probs already computed for some of the given sequence ids (by id)
+Lookup = Callable[[list[str]], dict[str, np.ndarray]]
+
+
+def write_score_files(store: Store, indices: Iterable[int], model: Teacher, info: dict[str, Any], batch_tokens: int,
+                      result: ScoreResult, lookup: Lookup) -> None:
+    """The score file of each shard ``indices`` names that lacks one: the reference log-probs ``lookup`` has, the
+    rest computed here a shard's sequences at a time. A file already there whole (its footer record names this
+    shard and reference) is kept; a half-written one (a killed pass's) is deleted."""
+    from kdstore.writer import write_atomic
+
+    root = Path(store.root)
+    per_token = bool(info["per_token"])
+    for index in indices:
+        shard = store.manifest.shards[index]
+        path = root / score_file_name(shard.path)
+        for stale in path.parent.glob(path.name + ".*.tmp"):
+            stale.unlink()
+        record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": reference_identity(info)}
+        if path.exists():
+            if _file_record(path) == record:
+                continue
+            raise ScoreError(f"{path} scores another shard or reference than this pass",
+                             hint=f"delete {root / SCORE_DIR} to score the store again")
+        rows = shard_rows(store, index)
+        known = lookup(rows["sequence_id"])
+        forward = time.perf_counter()
+        todo = [i for i, s in enumerate(rows["sequence_id"]) if s not in known]
+        computed = reference_logprobs(model, [rows["input_ids"][i] for i in todo], batch_tokens)
+        result.forward_seconds += time.perf_counter() - forward
+        logprobs = [known.get(s) for s in rows["sequence_id"]]
+        for i, values in zip(todo, computed):
+            logprobs[i] = values
+        write_atomic(path, score_file_bytes(score_table(rows, logprobs, per_token), record))
+        result.num_files += 1
+        result.num_sequences += len(rows["sequence_id"])
+        result.num_tokens += sum(len(t) for t in rows["input_ids"])
 
 
 def _progress(items: list[int], config: ScoreConfig) -> Any:
@@ -345,12 +371,14 @@ def finalize_scores(root: Path, info: dict[str, Any]) -> Manifest | None:
     from kdstore.format import sha256_file
     from kdstore.writer import _lock, write_atomic
 
+    if not (root / MANIFEST_NAME).exists():  # kdstore build --reference: partitions are still being built
+        return None
     with _lock(root / LOCK_DIR / "finalize.lock", blocking=True):
         manifest = Manifest.from_json((root / MANIFEST_NAME).read_text(), str(root / MANIFEST_NAME))
         files = []
         for shard in manifest.shards:
             path = root / score_file_name(shard.path)
-            record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": _identity(info)}
+            record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": reference_identity(info)}
             if not path.exists() or _file_record(path) != record:
                 return None
             files.append({"path": score_file_name(shard.path), "shard": shard.path, "shard_sha256": shard.sha256,
@@ -365,45 +393,7 @@ def finalize_scores(root: Path, info: dict[str, Any]) -> Manifest | None:
         return manifest
 
 
-# -- kdstore build --reference: the reference in the build's own corpus pass ----------------------
-class ReferencePass:
-    """The reference's next-token log-probs of every sequence a build writes, kept by sequence id until the store
-    is finished; then ``finish`` writes the same score files as ``kdstore score`` without running it again."""
-
-    def __init__(self, reference: str, *, dtype: str, device: str, batch_tokens: int, trust_remote_code: bool,
-                 seq_len: int, teacher_tokenizer: Any) -> None:
-        from kdstore.errors import BuildError
-        from kdstore.teacher import load_teacher, load_tokenizer
-
-        tokenizer = load_tokenizer(reference, trust_remote_code)
-        theirs, ours = _tokenizer_sha256(tokenizer), _tokenizer_sha256(teacher_tokenizer)
-        if theirs != ours and tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-            raise BuildError(f"the reference {reference} has another tokenizer than the teacher (reference files_sha256 "
-                             f"{theirs}, teacher {ours})", hint="use a reference trained with the teacher's tokenizer")
-        self.model = load_teacher(reference, dtype, device, trust_remote_code)
-        if self.model.max_positions and seq_len > self.model.max_positions:
-            raise BuildError(f"the reference {reference} reads at most {self.model.max_positions} positions; "
-                             f"--seq-len is {seq_len}", hint=f"use --seq-len {self.model.max_positions} or less")
-        self.reference, self.device = reference, device
-        self.batch_tokens, self.trust_remote_code = batch_tokens, trust_remote_code
-        self.logprobs: dict[str, np.ndarray] = {}
-
-    def add(self, sequences: list[Any]) -> None:
-        """Run the reference over sequences the build is writing (objects with ``sequence_id`` and ``input_ids``)."""
-        values = reference_logprobs(self.model, [s.input_ids for s in sequences], self.batch_tokens)
-        self.logprobs.update({s.sequence_id: v for s, v in zip(sequences, values)})
-
-    def finish(self, out: str, finished: bool) -> list[str]:
-        """Write the score files once the store is finished (the last partition scores every shard)."""
-        if not finished:
-            return [f"the score files of {out} are written by the partition that finishes last "
-                    f"(or run `kdstore score {out} --reference {self.reference}`)"]
-        config = ScoreConfig(store=out, reference=self.reference, dtype=self.model.dtype_name, device=self.device,
-                             batch_tokens=self.batch_tokens, trust_remote_code=self.trust_remote_code, progress=False)
-        return score_store(config, self.logprobs, model=self.model).summary_lines()
-
-
-def _tokenizer_sha256(tokenizer: Any) -> str:
+def tokenizer_sha256(tokenizer: Any) -> str:
     import tempfile
 
     from kdstore.build import tokenizer_info

@@ -14,7 +14,11 @@ interrupted copy resumes; a target holding anything else is refused.
 and columns (naming the first field that differs, with both values), then
 writes their rows, in the order given, into a new store through
 ``ShardWriter``; a sequence id met again is dropped. The merged manifest's
-``build`` lists where each part came from.
+``build`` lists where each part came from. When every store is scored by one
+reference (kdstore.score: the same weights, dtype and per-token choice), the
+merged store gets score files for its own shards, cut from theirs, listed with
+sha256 as ``kdstore score`` lists them; when they disagree (one scored, one
+not, or two references), the merged store has none and ``notes`` says why.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class MergeResult:
     num_sequences: int = 0
     num_duplicates: int = 0  # rows dropped because an earlier store held their sequence id
     per_store: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # one line each: why the merged store has no score files
 
 
 # -- copy ------------------------------------------------------------------
@@ -203,7 +208,7 @@ def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[s
     stores = [open_store(source, storage_options) for source in sources]
     first = stores[0]
     for other in stores[1:]:
-        for name in ("format_version", "table", "teacher", "tokenizer", "codec", "columns"):
+        for name in ("shards_format_version", "table", "teacher", "tokenizer", "codec", "columns"):
             mine, theirs = getattr(other.manifest, name), getattr(first.manifest, name)
             if mine != theirs:
                 raise StoreMismatchError(f"{other.location} differs from {first.location}: "
@@ -211,6 +216,7 @@ def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[s
                                          hint="merge only stores of the same teacher, tokenizer and codec "
                                               "(kdstore info shows them)")
     result = MergeResult(str(out))
+    reference = _shared_reference(stores, result.notes, out)
     parts = [{"location": s.location, "build": s.manifest.build, "num_sequences": s.manifest.num_sequences}
              for s in stores]
     manifest = Manifest(table=first.manifest.table, teacher=first.manifest.teacher, tokenizer=first.manifest.tokenizer,
@@ -226,7 +232,50 @@ def merge_stores(sources: list[str | os.PathLike[str]], out: str | os.PathLike[s
                 writer.write(table.replace_schema_metadata(None))
             result.per_store.append({"location": store.location, "num_sequences": kept})
     result.num_sequences = len(seen)
+    if reference is not None:
+        _write_merged_scores(stores, open_store(out), reference)
     return result
+
+
+def _shared_reference(stores: list[Store], notes: list[str], out: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The reference record (``manifest.scores["reference"]``) of the score files every store has, when one
+    reference scored them all; else None, with a note when some store's score files are left out."""
+    from kdstore.score import reference_identity
+
+    scores = [(s.parent or s).manifest.scores for s in stores]  # a view reads its parent's score files
+    if not any(scores):
+        return None
+    identities = [reference_identity(entry["reference"]) if entry else None for entry in scores]
+    if all(i == identities[0] for i in identities):
+        return scores[0]["reference"]
+    unscored = [s.location for s, entry in zip(stores, scores) if not entry]
+    why = (f"{', '.join(unscored)} {'has' if len(unscored) == 1 else 'have'} none" if unscored else
+           "they were made by different references (or dtypes, or --per-token choices)")
+    notes.append(f"the merged store has no score files: {why}; score it with `kdstore score {out} --reference MODEL`")
+    return None
+
+
+def _write_merged_scores(stores: list[Store], merged: Store, reference: dict[str, Any]) -> None:
+    """The score file of each merged shard: the inputs' score rows of its sequences (the first store's row of a
+    repeated id, as the merge keeps its first row), then the manifest lists them (kdstore.score.finalize_scores)."""
+    from kdstore.format import score_columns_schema, score_file_name
+    from kdstore.score import finalize_scores, reference_identity, score_file_bytes
+
+    schema = score_columns_schema(bool(reference.get("per_token")))
+    table = pa.concat_tables([s.score_table(schema.names[1:]) for s in stores]).select(schema.names).cast(schema)
+    row_of: dict[str, int] = {}
+    for row, sequence_id in enumerate(table["sequence_id"].to_pylist()):
+        row_of.setdefault(sequence_id, row)
+    root = Path(merged.root)
+    (root / "scores").mkdir(exist_ok=True)
+    ids = [i for t in merged.iter_tables(["sequence_id"]) for i in t["sequence_id"].to_pylist()]  # merged order
+    start = 0
+    for shard in merged.manifest.shards:
+        rows = table.take(pa.array([row_of[i] for i in ids[start:start + shard.num_rows]], pa.int64()))
+        start += shard.num_rows
+        record = {"shard": shard.path, "shard_sha256": shard.sha256, "reference": reference_identity(reference)}
+        write_atomic(root / score_file_name(shard.path), score_file_bytes(rows, record))
+    finalize_scores(root, reference)
 
 
 def _new_rows(table: pa.Table, seen: set[str]) -> tuple[pa.Table, int]:

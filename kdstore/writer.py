@@ -67,7 +67,7 @@ from kdstore.format import (
     shard_info,
     shard_name,
 )
-from kdstore.records import check_output_folder, read_record, refuse_if_different, union_manifest
+from kdstore.records import check_output_folder, keep_scores, read_record, refuse_if_different, union_manifest
 
 if TYPE_CHECKING:
     from kdstore.mirror import RemoteMirror
@@ -169,6 +169,7 @@ class ShardWriter:
         self.shards: list[ShardInfo] = []
         self.num_committed_rows = 0
         self.finalized: Manifest | None = None  # the manifest, once every partition has finished
+        self.notes: list[str] = []  # what finishing the store dropped (score files of changed shards)
         self._lock_file: Any = None
         self._buffer: list[pa.Table] = []
         self._buffer_bytes = 0
@@ -213,7 +214,7 @@ class ShardWriter:
                 self.finalized = self.mirror.finish(record)
                 return
             write_atomic(self.root / partition_record_name(self.partition), json.dumps(record, indent=1))
-            self.finalized = finalize(self.root)
+            self.finalized = finalize(self.root, self.notes)
         finally:
             self._release()
 
@@ -310,6 +311,9 @@ class ShardWriter:
             found = {key: data.get(key) for key in wanted}
             if source.name == MANIFEST_NAME:
                 found["num_partitions"] = wanted["num_partitions"]  # a finished store may be extended
+                # score files make the manifest format 3; the shards are what this build writes
+                found["format_version"] = (data.get("scores") or {}).get("shards_format_version",
+                                                                         data.get("format_version"))
             refuse_if_different(found, wanted, source)
 
     def _recover_partition(self) -> None:
@@ -414,11 +418,14 @@ def _file_contents(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
 
 
-def finalize(root: str | os.PathLike[str]) -> Manifest | None:
+def finalize(root: str | os.PathLike[str], notes: list[str] | None = None) -> Manifest | None:
     """Write ``manifest.json`` as the union of all partition records, if all are there.
 
     Returns the manifest, or None while partitions are still missing. Safe to
     call from several processes: a lock serialises them and the write is atomic.
+    A manifest already there (a rerun over a finished store) passes on its score
+    files while they score these very shards (records.keep_scores); when they
+    no longer do, the note saying so is appended to ``notes``.
     """
     root = Path(root)
     records = sorted((root / PARTITION_DIR).glob("part-*.json"))
@@ -428,6 +435,11 @@ def finalize(root: str | os.PathLike[str]) -> Manifest | None:
         manifest = union_manifest([(p, read_record(p)) for p in records])
         if manifest is None:
             return None
+        previous = root / MANIFEST_NAME
+        manifest, note = keep_scores(Manifest.from_json(previous.read_text(), str(previous)) if previous.exists()
+                                     else None, manifest, str(root))
+        if note is not None and notes is not None:
+            notes.append(note)
         write_atomic(root / MANIFEST_NAME, manifest.to_json())
         card = root / "README.md"
         if not card.exists() or is_kdstore_card(card.read_text(errors="replace")):  # never a user's README
