@@ -90,7 +90,7 @@ class BuildConfig:
     # groups); a loader needs at least one row group per rank, so small stores read by many ranks want less
     row_group_bytes: Annotated[int, Field(ge=1)] = DEFAULT_ROW_GROUP_BYTES
     # zstd level of the shards; readers need no setting, so it is not recorded. One thread compresses a partition's
-    # shards: at K=64 it wrote ~190-250k tokens/s at level 9 and ~3x that at level 3 for 3 % more bytes on the
+    # shards: at K=64 it wrote ~320k tokens/s at level 9 and ~2.4x that at level 3 for 3 % more bytes on the
     # development CPU (benchmarks/build.py; docs/build.md "Host path")
     zstd_level: Annotated[int, Field(ge=1, le=22)] = DEFAULT_ZSTD_LEVEL
     progress: bool = True
