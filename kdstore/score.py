@@ -298,14 +298,13 @@ def score_store(config: ScoreConfig, on_progress: ProgressCallback | None = None
         mine = [i for i in range(len(store.manifest.shards)) if i % config.num_partitions == config.partition]
         report = on_progress or (lambda done, total, tokens: None)
 
-        def reported(indices: list[int]) -> Iterable[int]:
-            for num_done, index in enumerate(indices):
-                report(num_done, len(indices), result.num_tokens)
+        def reported() -> Iterable[int]:  # the bar and on_progress advance as each shard's turn comes
+            for num_done, index in enumerate(_progress(mine, config)):
+                report(num_done, len(mine), result.num_tokens)
                 yield index
-            report(len(indices), len(indices), result.num_tokens)
+            report(len(mine), len(mine), result.num_tokens)
 
-        write_score_files(store, reported(list(_progress(mine, config))), model, info, config.batch_tokens, result,
-                          lambda ids: {})
+        write_score_files(store, reported(), model, info, config.batch_tokens, result, lambda ids: {})
     finished = finalize_scores(root, info)
     result.seconds = time.perf_counter() - started
     if finished is not None:
