@@ -12,7 +12,8 @@ prompts are taken in file order, ``unit_prompts`` at a time. Within a unit the n
 batched by prompt length (longest first), and rows are written in prompt order, samples in order, so a
 partition's committed rows are a prefix of a fixed order: a rerun after kill -9 skips the committed units,
 recomputes the unit it stopped in (the same batches, the same seeds: the same bits) and writes the rest.
-Sampling runs on the main thread; encoding and Parquet writing on build's background writer thread.
+Sampling runs on the main thread; encoding and Parquet writing on the host pipeline's threads, as in build
+(kdstore.pipeline.HostPipeline.put_rows).
 """
 
 from __future__ import annotations
