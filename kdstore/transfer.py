@@ -32,7 +32,7 @@ from typing import Any
 import pyarrow as pa
 
 from kdstore.errors import ChecksumError, KdstoreError, StorageError, StoreMismatchError, VerifyError
-from kdstore.format import MANIFEST_NAME, Manifest, safe_relative_path
+from kdstore.format import MANIFEST_NAME, TABLE_GENERATIONS, TABLE_LOGITS, Manifest, safe_relative_path
 from kdstore.records import first_difference
 from kdstore.store import HASH_CHUNK_BYTES, Store, filesystem, is_local_filesystem, open_store
 from kdstore.writer import ShardWriter, temporary_name, write_atomic
@@ -60,8 +60,9 @@ class MergeResult:
 # -- copy ------------------------------------------------------------------
 def copy_store(source: str | os.PathLike[str] | Store, target: str | os.PathLike[str],
                source_options: dict[str, Any] | None = None, target_options: dict[str, Any] | None = None) -> CopyResult:
-    """Copy the store at ``source`` to ``target`` (folders or fsspec URLs), verified on arrival, manifest last."""
-    store = open_store(source, source_options)
+    """Copy the store at ``source`` to ``target`` (folders or fsspec URLs), verified on arrival, manifest last.
+    Any table kind: a generations store copies as its files, like a logits store."""
+    store = open_store(source, source_options, tables=(TABLE_LOGITS, TABLE_GENERATIONS))
     if store.parent is not None:
         raise KdstoreError(f"{source} is a selection view of {store.parent.location}; copy writes whole stores",
                            hint="kdstore select ... --materialize writes the view's sequences as a store to copy")
@@ -174,7 +175,8 @@ def _copy_file(store: Store, relative: str, fs: Any, target_path: str, sha256: s
 
 def _check_tokenizer_files(store: Store, fs: Any, root: str, target: str, target_options: dict[str, Any] | None) -> None:
     """The copied tokenizer files, read back from the target and checked as any store's (Store.local_tokenizer)."""
-    arrived = Store(target, store.manifest, None if is_local_filesystem(fs) else dict(target_options or {}), root, fs)
+    arrived = Store(target, store.manifest, None if is_local_filesystem(fs) else dict(target_options or {}), root, fs,
+                    tables=(store.manifest.table,))
     try:
         with arrived.local_tokenizer():
             pass

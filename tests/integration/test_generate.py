@@ -445,3 +445,15 @@ def test_resuming_from_an_edited_prompt_file_is_refused(tmp_path, tiny_teacher):
     prompt_file(prompts, seed=1)
     with pytest.raises(StoreMismatchError, match="prompts_sha256"):
         generate(config(tiny_teacher, prompts, tmp_path / "g", n=1))
+
+
+def test_a_generations_store_copies_whole_and_verifies_at_the_target(tmp_path, tiny_teacher):
+    from kdstore.transfer import copy_store
+
+    generate(config(tiny_teacher, prompt_file(tmp_path / "p.jsonl"), tmp_path / "g", temperature=1.0))
+    result = copy_store(tmp_path / "g", tmp_path / "copy")
+    source, copied = open_store(tmp_path / "g", tables=GENERATIONS), open_store(tmp_path / "copy", tables=GENERATIONS)
+    assert result.num_files_copied >= len(source.manifest.shards) > 0
+    assert copied.manifest.shards == source.manifest.shards and verify_store(copied) == []
+    assert frame(tmp_path / "copy").equals(frame(tmp_path / "g"))
+    assert copy_store(tmp_path / "g", tmp_path / "copy").num_files_copied == 0  # a second copy finds it whole
