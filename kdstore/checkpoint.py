@@ -45,7 +45,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kdstore.config_file import check_config
-from kdstore.errors import TrainError
+from kdstore.errors import TrainError, first_line
 from kdstore.taid import TaidState
 from kdstore.writer import _fsync_dir
 
@@ -221,7 +221,7 @@ def read_checkpoint(run_dir: Path) -> dict[str, Any]:
         skeleton = json.loads((folder / _STATE).read_text(encoding="utf-8"))
         saved = _from_json(skeleton, load_file(folder / _TENSORS))
     except (OSError, ValueError, RecursionError, SafetensorError) as exc:  # JSON and UTF-8 errors are ValueErrors
-        raise TrainError(f"{folder} is not a checkpoint kdstore can read: {str(exc).splitlines()[0]}",
+        raise TrainError(f"{folder} is not a checkpoint kdstore can read: {first_line(exc)}",
                          hint=_DAMAGED) from None
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         found = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
@@ -302,7 +302,7 @@ def restore_checkpoint(saved: dict[str, Any], rank: int, trainables: Trainables)
         trainables.loader.load_state_dict(mine["loader"])
         restore_rng_state(mine["rng"])
     except (KeyError, IndexError, TypeError, ValueError, OverflowError, RuntimeError) as exc:  # right shape, bad values
-        raise TrainError(f"the checkpoint does not fit this run: {str(exc).splitlines()[0]}", hint=_DAMAGED) from None
+        raise TrainError(f"the checkpoint does not fit this run: {first_line(exc)}", hint=_DAMAGED) from None
     return RunState(**{f.name: saved[f.name] for f in fields(RunState)})
 
 

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from kdstore.collate import IGNORE_INDEX, Collator
-from kdstore.errors import KdstoreError
+from kdstore.errors import KdstoreError, first_line
 from kdstore.store import Store, StoredRows
 
 # per-completion columns a filter may name (num_tokens: prompt and completion; num_completion_tokens: completion)
@@ -93,7 +93,7 @@ def select_completions(store: Store, selection: CompletionFilter) -> np.ndarray:
         try:
             frame = frame.filter(condition)
         except pl.exceptions.PolarsError as exc:
-            raise KdstoreError(f"completion_where {selection.where!r} cannot be evaluated: {str(exc).splitlines()[0]}",
+            raise KdstoreError(f"completion_where {selection.where!r} cannot be evaluated: {first_line(exc)}",
                                hint=f"an SQL condition over {', '.join(FILTER_COLUMNS)}") from None
     if selection.best_of:
         frame = frame.sort(["prompt_id", "total_logprob", "sample_index"], descending=[False, True, False]) \

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
-from kdstore.errors import EngineError, KdstoreError
+from kdstore.errors import EngineError, KdstoreError, first_line
 from kdstore.format import PARTITION_DIR, SHARD_DIR
 from kdstore.records import check_output_folder, read_record
 from kdstore.store import is_url
@@ -182,7 +182,7 @@ def _connect(ray: Any, address: str) -> bool:
         # when that cluster is gone
         ray.init(address=address or "local", logging_level=logging.ERROR, log_to_driver=False)
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-        raise EngineError(f"cannot attach to the Ray cluster at {address or 'a new local instance'}: {_first_line(exc)}",
+        raise EngineError(f"cannot attach to the Ray cluster at {address or 'a new local instance'}: {first_line(exc)}",
                           hint="start one with `ray start --head`, then pass the address it prints as --ray-address "
                                "HOST:PORT; or omit --ray-address to start a local one for this run") from None
     return True
@@ -316,7 +316,7 @@ def _result(ray: Any, teacher_pass: TeacherPass, ref: Any, partition: int) -> An
         if isinstance(exc.cause, KdstoreError):
             raise exc.cause from None
         raise teacher_pass.error(f"partition {partition} failed on the Ray cluster: {type(exc.cause).__name__}: "
-                                 f"{_first_line(exc.cause)}") from None
+                                 f"{first_line(exc.cause)}") from None
     except ray.exceptions.RayError as exc:
         raise EngineError(f"partition {partition}: its Ray worker was lost {MAX_RETRIES + 1} times "
                           f"({type(exc).__name__})",
@@ -347,11 +347,6 @@ class _Bars:
     def close(self) -> None:
         for bar in [*self.parts, self.total]:
             bar.close()
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 __all__ = ["MAX_RETRIES", "PartitionProgress", "TeacherPass", "check_out", "import_ray", "run_partitions",

@@ -9,6 +9,13 @@ store, loading it into a trainer, training a student.
 from __future__ import annotations
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, or its class name when it has none: what a one-line error quotes
+    of a library's exception."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 class KdstoreError(Exception):
     """Base class of every error kdstore raises on purpose."""
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from kdstore.errors import KdstoreError
+from kdstore.errors import KdstoreError, first_line
 from kdstore.format import SCORE_COLUMNS, TABLE_GENERATIONS, TABLE_LOGITS
 from kdstore.generation_view import generation_head
 from kdstore.store import Store, open_store
@@ -74,7 +74,7 @@ def parse_where(text: str, columns: tuple[str, ...]) -> Any:
     try:
         return pl.sql_expr(text)
     except pl.exceptions.PolarsError as exc:
-        raise KdstoreError(f"--where {text!r} does not parse: {str(exc).splitlines()[0]}", hint=hint) from None
+        raise KdstoreError(f"--where {text!r} does not parse: {first_line(exc)}", hint=hint) from None
 
 
 def matching_ids(store: Store, where: str) -> tuple[list[str], int]:
@@ -88,7 +88,7 @@ def matching_ids(store: Store, where: str) -> tuple[list[str], int]:
     try:
         hits = frame.filter(condition)
     except pl.exceptions.PolarsError as exc:
-        raise KdstoreError(f"--where {where!r} cannot be evaluated: {str(exc).splitlines()[0]}",
+        raise KdstoreError(f"--where {where!r} cannot be evaluated: {first_line(exc)}",
                            hint=_WHERE_HINT.format(columns=", ".join(columns))) from None
     return hits.get_column("sequence_id").to_list(), frame.height
 

@@ -37,7 +37,7 @@ from pydantic import Field
 
 from kdstore import __version__
 from kdstore.config_file import check_config
-from kdstore.errors import KdstoreError, SelectionError, ViewParentChangedError
+from kdstore.errors import KdstoreError, SelectionError, ViewParentChangedError, first_line
 from kdstore.format import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -141,7 +141,7 @@ def candidates(store: Store, config: SelectConfig) -> Any:
     try:
         return frame.filter(condition)
     except pl.exceptions.PolarsError as exc:
-        raise SelectionError(f"--where {config.where!r} cannot be evaluated: {str(exc).splitlines()[0]}") from None
+        raise SelectionError(f"--where {config.where!r} cannot be evaluated: {first_line(exc)}") from None
 
 
 # -- the pass -------------------------------------------------------------------

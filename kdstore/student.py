@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from kdstore.errors import StudentMismatchError, TrainError
+from kdstore.errors import StudentMismatchError, TrainError, first_line
 from kdstore.store import Store
 from kdstore.teacher import TOKENIZER_FILES
 from kdstore.vocab import compare_vocab, require_compatible
@@ -82,7 +82,7 @@ def load_student(source: str, store: Store, seed: int) -> torch.nn.Module:
         else:
             student = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(local if local.exists() else source))
     except (OSError, ValueError) as exc:
-        raise TrainError(f"cannot load student {source!r}: {str(exc).splitlines()[0]}", hint=_STUDENT_HINT) from None
+        raise TrainError(f"cannot load student {source!r}: {first_line(exc)}", hint=_STUDENT_HINT) from None
     num_logits, vocab_size = student.get_output_embeddings().weight.shape[0], store.codec.vocab_size
     if num_logits < vocab_size:
         raise StudentMismatchError(f"the store's vocabulary has {vocab_size} tokens but student {source} has "
@@ -113,7 +113,7 @@ def teacher_config(store: Store) -> Any:
         return AutoConfig.from_pretrained(model, revision=revision)  # a hub id: the hub or its local cache
     except (OSError, ValueError) as exc:
         raise TrainError(f"a student preset copies the teacher's config, but the teacher {model} that built "
-                         f"{store.location} cannot be read here: {str(exc).splitlines()[0]}",
+                         f"{store.location} cannot be read here: {first_line(exc)}",
                          hint="run where the teacher folder is, or pass --student a transformers config.json") from None
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kdstore.errors import TeacherError
+from kdstore.errors import TeacherError, first_line
 from kdstore.format import sha256_named_files
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -86,10 +86,10 @@ def load_teacher(source: str, dtype: str = "float32", device: str = "auto", trus
     try:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=DTYPES[dtype], trust_remote_code=trust_remote_code)
     except SafetensorError as exc:  # a truncated or damaged weights file
-        raise TeacherError(f"cannot load teacher {source!r}: {_damaged_weights(Path(source))}{_first_line(exc)}",
+        raise TeacherError(f"cannot load teacher {source!r}: {_damaged_weights(Path(source))}{first_line(exc)}",
                            hint="download or save the teacher's weights again") from None
     except (OSError, ValueError) as exc:
-        raise TeacherError(f"cannot load teacher {source!r}: {_first_line(exc)}") from None
+        raise TeacherError(f"cannot load teacher {source!r}: {first_line(exc)}") from None
     model.to(torch_device).eval()
     vocab_size = model.get_output_embeddings().weight.shape[0]
     max_positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
@@ -114,7 +114,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError, TypeError) as exc:
-        raise TeacherError(f"cannot load the tokenizer of teacher {source!r}: {_first_line(exc)}",
+        raise TeacherError(f"cannot load the tokenizer of teacher {source!r}: {first_line(exc)}",
                            hint="check the tokenizer files in the teacher folder (tokenizer.json, tokenizer_config.json)"
                            ) from None
 
@@ -144,11 +144,6 @@ def _damaged_weights(folder: Path) -> str:
         except (SafetensorError, OSError):
             return f"{path.name} is truncated or damaged: "
     return ""
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 def content_sha256(folder: Path) -> str:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kdstore.errors import BackendError
+from kdstore.errors import BackendError, first_line
 
 if TYPE_CHECKING:
     from kdstore.pipeline import SparseBatch
@@ -145,8 +145,7 @@ def load_vllm_teacher(source: str, k: int, dtype: str = "float32", trust_remote_
         llm = vllm.LLM(model=source, tokenizer=source, dtype=name, trust_remote_code=trust_remote_code,
                        logprobs_mode=RAW_LOGPROBS, skip_tokenizer_init=True, seed=0, **options)
     except Exception as exc:  # vLLM raises ValueError, RuntimeError, OSError, ... for a model it cannot serve
-        lines = str(exc).strip().splitlines()
-        raise BackendError(f"vLLM cannot load teacher {source!r}: {lines[0] if lines else type(exc).__name__}",
+        raise BackendError(f"vLLM cannot load teacher {source!r}: {first_line(exc)}",
                            hint="vLLM serves the architectures it lists as supported, on a GPU; use --backend "
                                 "transformers for others") from None
     engine = llm.llm_engine

@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kdstore.errors import TokenizerError, TokenizerMismatchError
+from kdstore.errors import TokenizerError, TokenizerMismatchError, first_line
 from kdstore.format import sha256_named_files
 from kdstore.store import Store, open_store
 
@@ -301,8 +301,7 @@ def _load_tokenizer(folder: Path, what: str) -> Any:
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TokenizerError(f"cannot load {what}: {first_line}",
+        raise TokenizerError(f"cannot load {what}: {first_line(exc)}",
                              hint=f"check or save again the tokenizer files in {folder} (tokenizer.save_pretrained)") from None
 
 
