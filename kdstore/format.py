@@ -86,22 +86,16 @@ def _list(item: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("element", item, nullable=False))
 
 
-def logits_schema(codec: CodecConfig, score_columns: tuple[str, ...] = ()) -> pa.Schema:
-    """Arrow schema of a logits shard: one row per sequence, positions flattened.
-
-    A sequence of T tokens has P = T - 1 positions; position t predicts token t+1.
-    Per-position columns hold P values, per-entry columns P*K (position-major).
-    """
+def _position_fields(codec: CodecConfig, tail: bool, target: bool) -> list[pa.Field]:
+    """The per-position columns, coded by ``codec``, that the logits and generations tables share."""
     code = pa.from_numpy_dtype(codec.codebook.dtype)
     fields = [
-        pa.field("sequence_id", pa.string(), nullable=False),
-        pa.field("input_ids", _list(pa.int32()), nullable=False),
         pa.field("topk_id_deltas", _list(pa.uint32()), nullable=False),
         pa.field("topk_logprob_codes", _list(code), nullable=False),
     ]
-    if codec.tail:
+    if tail:
         fields.append(pa.field("tail_logmass_codes", _list(code), nullable=False))
-    if codec.target:
+    if target:
         fields.append(pa.field("target_logprob_codes", _list(code), nullable=False))
     if codec.sampled_draws:
         fields += [
@@ -109,6 +103,20 @@ def logits_schema(codec: CodecConfig, score_columns: tuple[str, ...] = ()) -> pa
             pa.field("sampled_id_deltas", _list(pa.uint32()), nullable=False),
             pa.field("sampled_counts", _list(pa.uint16()), nullable=False),
         ]
+    return fields
+
+
+def logits_schema(codec: CodecConfig, score_columns: tuple[str, ...] = ()) -> pa.Schema:
+    """Arrow schema of a logits shard: one row per sequence, positions flattened.
+
+    A sequence of T tokens has P = T - 1 positions; position t predicts token t+1.
+    Per-position columns hold P values, per-entry columns P*K (position-major).
+    """
+    fields = [
+        pa.field("sequence_id", pa.string(), nullable=False),
+        pa.field("input_ids", _list(pa.int32()), nullable=False),
+        *_position_fields(codec, tail=codec.tail, target=codec.target),
+    ]
     for name in score_columns:
         if name not in SCORE_COLUMNS:
             raise ManifestError(f"unknown score column {name!r}; known: {', '.join(SCORE_COLUMNS)}")
@@ -131,7 +139,6 @@ def generations_schema(codec: CodecConfig) -> pa.Schema:
     tokens before it, at temperature 1, whatever the sampling temperature was. ``token_logprobs`` [C] is the
     same target log-prob unquantised (float32).
     """
-    code = pa.from_numpy_dtype(codec.codebook.dtype)
     fields = [
         pa.field("sequence_id", pa.string(), nullable=False),
         pa.field("prompt_id", pa.string(), nullable=False),
@@ -141,17 +148,8 @@ def generations_schema(codec: CodecConfig) -> pa.Schema:
         pa.field("input_ids", _list(pa.int32()), nullable=False),
         pa.field("prompt_num_tokens", pa.int32(), nullable=False),
         pa.field("text", pa.string(), nullable=False),
-        pa.field("topk_id_deltas", _list(pa.uint32()), nullable=False),
-        pa.field("topk_logprob_codes", _list(code), nullable=False),
-        pa.field("tail_logmass_codes", _list(code), nullable=False),
-        pa.field("target_logprob_codes", _list(code), nullable=False),
+        *_position_fields(codec, tail=True, target=True),  # a completion always has both
     ]
-    if codec.sampled_draws:
-        fields += [
-            pa.field("sampled_num_ids", _list(pa.uint16()), nullable=False),
-            pa.field("sampled_id_deltas", _list(pa.uint32()), nullable=False),
-            pa.field("sampled_counts", _list(pa.uint16()), nullable=False),
-        ]
     fields += [
         pa.field("token_logprobs", _list(pa.float32()), nullable=False),
         pa.field("total_logprob", pa.float64(), nullable=False),
